@@ -1,0 +1,7 @@
+"""`python -m worker` is `fraud-worker`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,175 @@
+"""`fraud-worker`: run the worker, and the tools around it (broker, topics, traffic, verdicts, demo)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+
+from . import logs
+from .settings import SettingsError, load_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    parser = argparse.ArgumentParser(prog="fraud-worker", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run the scoring worker (configured by FRAUD_* variables)")
+    sub.add_parser("check", help="check the configuration and the model, then exit")
+    p = sub.add_parser("topics", help="create the input, verdict and dead-letter topics")
+    p.add_argument("--partitions", type=int, default=6, help="input topic partitions (default 6)")
+    p.add_argument("--output-partitions", type=int, default=6, help="verdict and dead-letter topic partitions")
+    p = sub.add_parser("produce", help="produce sample transactions to the input topic")
+    p.add_argument("--count", type=int, default=10_000)
+    p.add_argument("--rate", type=float, default=0.0, help="messages per second (0 = as fast as possible)")
+    p.add_argument("--csv", help="read rows from a card_transdata CSV instead of the generator")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("verdicts", help="print verdicts as JSON lines")
+    p.add_argument("--max", type=int, default=0, help="stop after this many (0 = until idle)")
+    p.add_argument("--idle", type=float, default=5.0, help="stop after this many idle seconds")
+    p = sub.add_parser("broker", help="manage the local Kafka broker (no Docker needed)")
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--port", type=int, default=9092)
+    p = sub.add_parser("demo", help="end to end on a broker: topics, worker, traffic, verdicts, summary")
+    p.add_argument("--count", type=int, default=50_000)
+    p.add_argument("--rate", type=float, default=5_000.0, help="transactions per second")
+    args = parser.parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except (SettingsError, StartupFailure) as exc:
+        print(f"fraud-worker: {exc}", file=sys.stderr)
+        return 2
+
+
+class StartupFailure(RuntimeError):
+    """A clean, one-line start-up failure."""
+
+
+def _run(args) -> int:
+    from .app import StartupError, Worker
+    from .manifest import ManifestError
+    from .metrics import serve
+
+    settings = load_settings()
+    logs.configure(settings.log_level)
+    logs.bind(worker_id=settings.worker_id, group=settings.group_id)
+    log = logs.get_logger("worker")
+    try:
+        scorer = _load_scorer(settings)
+        worker = Worker(settings, scorer)
+        worker.check_topics()
+    except (ManifestError, StartupError) as exc:
+        log.error("startup_failed", error=str(exc))
+        raise StartupFailure(str(exc)) from None
+    if settings.metrics_port:
+        try:
+            serve(worker.metrics, worker.health, settings.metrics_host, settings.metrics_port)
+        except OSError as exc:
+            raise StartupFailure(f"metrics server cannot bind {settings.metrics_host}:{settings.metrics_port}: {exc.strerror}") from None
+
+    def stop(signum, _frame):
+        log.info("stop_requested", signal=signal.Signals(signum).name)
+        worker.stop.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return worker.run()
+
+
+def _load_scorer(settings):
+    from .model import OnnxScorer
+
+    return OnnxScorer.load(settings.model_manifest, settings.model_file, threads=settings.onnx_threads)
+
+
+def _check(args) -> int:
+    from .manifest import ManifestError
+
+    settings = load_settings()
+    try:
+        scorer = _load_scorer(settings)
+    except ManifestError as exc:
+        raise StartupFailure(str(exc)) from None
+    m = scorer.manifest
+    print(json.dumps({"model": m.name, "version": m.version, "sha256": m.sha256, "features": len(m.features),
+                      "thresholds": m.thresholds.model_dump(), "bootstrap_servers": settings.bootstrap_servers}))
+    return 0
+
+
+def _topics(args) -> int:
+    from .kafka import client_config, create_topics
+
+    s = load_settings()
+    created = create_topics(
+        client_config(s),
+        {s.input_topic: args.partitions, s.verdict_topic: args.output_partitions, s.dead_letter_topic: args.output_partitions},
+    )
+    print(json.dumps({"created": created}))
+    return 0
+
+
+def _produce(args) -> int:
+    from confluent_kafka import Producer
+
+    from . import traffic
+    from .kafka import client_config
+
+    s = load_settings()
+    if args.csv:
+        txns = (t for t, _ in traffic.from_csv(args.csv))
+        txns = (t for i, t in zip(range(args.count), txns))
+    else:
+        txns = traffic.generated(args.count, seed=args.seed)
+    producer = Producer({**client_config(s), "linger.ms": 10, "enable.idempotence": True})
+    sent = traffic.produce(producer, s.input_topic, txns, rate=args.rate)
+    print(json.dumps({"produced": sent, "topic": s.input_topic}))
+    return 0
+
+
+def _verdicts(args) -> int:
+    from .demo import read_verdicts
+
+    s = load_settings()
+    for n, (verdict, _arrival) in enumerate(read_verdicts(s, idle_s=args.idle), start=1):
+        print(json.dumps(verdict), flush=True)
+        if args.max and n >= args.max:
+            break
+    return 0
+
+
+def _broker(args) -> int:
+    from .localbroker import CACHE, BrokerError, LocalBroker
+
+    broker = LocalBroker(port=args.port, home=CACHE / f"broker-{args.port}")
+    try:
+        if args.action == "start":
+            print(json.dumps({"bootstrap": broker.start(), "log": str(broker.log_file)}))
+        elif args.action == "stop":
+            broker.stop()
+            print(json.dumps({"stopped": args.port}))
+        else:
+            print(json.dumps({"running": broker.running(), "pid": broker.pid(), "bootstrap": broker.bootstrap}))
+    except BrokerError as exc:
+        raise StartupFailure(str(exc)) from None
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.count, args.rate)
+
+
+_COMMANDS = {
+    "run": _run,
+    "check": _check,
+    "topics": _topics,
+    "produce": _produce,
+    "verdicts": _verdicts,
+    "broker": _broker,
+    "demo": _demo,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""structlog set-up: JSON lines on stdout (console format on a TTY), each bound to the worker and group."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+
+def configure(level: str = "INFO", json: bool | None = None) -> None:
+    """Configure structlog once per process."""
+    if json is None:
+        json = not sys.stdout.isatty()
+    renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+
+
+def bind(**context) -> None:
+    """Attach context (worker_id, group) to every following line of this process."""
+    structlog.contextvars.bind_contextvars(**context)
+
+
+def get_logger(name: str = "worker"):
+    """A structlog logger."""
+    return structlog.get_logger(name)
