@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import fcntl
 import os
 import shutil
 import signal
@@ -76,6 +77,13 @@ class LocalBroker:
 
     def start(self, timeout: float = 90.0) -> str:
         """Start the broker unless it already runs; wait until it answers metadata; return the bootstrap."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        # Two test sessions may start the same broker at once; the lock makes the second one find it running.
+        with open(self.home / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._start(timeout)
+
+    def _start(self, timeout: float) -> str:
         if self.running():
             if answers(self.bootstrap):
                 return self.bootstrap
