@@ -242,6 +242,5 @@ class Worker:
         if self.kafka:
             self._commit(asynchronous=False)
             self.kafka.close()
-        log.info("worker_stopped", reason=self.fatal or "stop requested", unacknowledged=outstanding,
-                 safe_positions=len(self.tracker.safe_positions()))
+        log.info("worker_stopped", reason=self.fatal or "stop requested", unacknowledged=outstanding)
         return 1 if self.fatal else 0

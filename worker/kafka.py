@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from .logs import get_logger
 from .offsets import TopicPartition as TP
 from .records import Headers, Message
 from .settings import Settings
@@ -22,9 +24,26 @@ class KafkaFatal(RuntimeError):
     """The shell cannot go on: the broker or a topic is unusable."""
 
 
+class _ToStructlog(logging.Handler):
+    """Forwards librdkafka's log lines to structlog, so stdout stays JSON and stderr stays quiet."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        get_logger("librdkafka").warning("librdkafka", message=record.getMessage()[:500])
+
+
+LIBRDKAFKA_LOG = logging.getLogger("fraud_worker.librdkafka")
+LIBRDKAFKA_LOG.addHandler(_ToStructlog())
+LIBRDKAFKA_LOG.propagate = False
+
+
 def client_config(settings: Settings) -> dict:
     """Settings shared by every client, secrets included; never log the result."""
-    return {"bootstrap.servers": settings.bootstrap_servers, "client.id": settings.worker_id, **settings.security_config()}
+    return {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "client.id": settings.worker_id,
+        "logger": LIBRDKAFKA_LOG,
+        **settings.security_config(),
+    }
 
 
 def consumer_config(settings: Settings) -> dict:
@@ -80,7 +99,7 @@ def describe_topics(conf: dict, topics: Iterable[str], timeout: float) -> dict[s
     try:
         md = admin(conf).list_topics(timeout=timeout)
     except KafkaException as exc:
-        raise KafkaFatal(f"cannot reach Kafka: {exc.args[0].str()}") from None
+        raise KafkaFatal(f"cannot reach Kafka at {conf['bootstrap.servers']} within {timeout:g}s: {exc.args[0].str()}") from None
     return {t: len(md.topics[t].partitions) for t in topics if t in md.topics and md.topics[t].error is None}
 
 
