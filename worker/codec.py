@@ -26,12 +26,14 @@ class ValidationError(ValueError):
     """A decoded Transaction holds values that cannot be scored."""
 
 
-def load_schema(name: str, schema_dir: Path = SCHEMA_DIR) -> dict:
+def load_schema(name: str, schema_dir: Path = SCHEMA_DIR, booleans_as_bytes: bool = False) -> dict:
     """Parse schemas/<name>.avsc, keeping timestamps as plain epoch-millisecond longs."""
     raw = json.loads((schema_dir / f"{name}.avsc").read_text())
     for f in raw["fields"]:
         if isinstance(f["type"], dict) and f["type"].get("logicalType") == "timestamp-millis":
             f["type"] = "long"
+        elif booleans_as_bytes and f["type"] == "boolean":
+            f["type"] = {"type": "fixed", "name": f"{f['name']}_byte", "size": 1}
     return fastavro.parse_schema(raw)
 
 
@@ -40,6 +42,10 @@ class Codec:
 
     def __init__(self, schema_dir: Path = SCHEMA_DIR, max_message_bytes: int = 65536):
         self.transaction_schema = load_schema("transaction", schema_dir)
+        # An Avro boolean is the byte 0 or 1; fastavro reads any other byte as true (Java reads it as false),
+        # so transactions are read with booleans as 1-byte fixeds and checked.
+        self._reader_schema = load_schema("transaction", schema_dir, booleans_as_bytes=True)
+        self._booleans = [f["name"] for f in self.transaction_schema["fields"] if f["type"] == "boolean"]
         self.verdict_schema = load_schema("verdict", schema_dir)
         self.max_message_bytes = max_message_bytes
 
@@ -51,11 +57,15 @@ class Codec:
             raise DecodeError(f"message of {len(value)} bytes exceeds max_message_bytes={self.max_message_bytes}")
         buf = io.BytesIO(value)
         try:
-            record = fastavro.schemaless_reader(buf, self.transaction_schema, None)
+            record = fastavro.schemaless_reader(buf, self._reader_schema, None)
         except Exception as exc:  # fastavro raises EOFError, ValueError, UnicodeDecodeError, IndexError...
             raise DecodeError(f"not a Transaction: {type(exc).__name__}: {exc}"[:300]) from exc
         if buf.tell() != len(value):
             raise DecodeError(f"{len(value) - buf.tell()} trailing bytes after a Transaction record")
+        for name in self._booleans:
+            if record[name] not in (b"\x00", b"\x01"):
+                raise DecodeError(f"{name} holds byte {record[name][0]}, not an Avro boolean (0 or 1)")
+            record[name] = record[name] == b"\x01"
         return Transaction(**record)
 
     def encode_transaction(self, txn: Transaction) -> bytes:
