@@ -29,9 +29,11 @@ def pytest_addoption(parser):
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--run-slow"):
         return
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(pytest.mark.skip(reason="long run: use --run-slow (a bounded version runs by default)"))
+    # Long runs are deselected, not skipped: their bounded versions are separate tests that always run.
+    slow = [item for item in items if "slow" in item.keywords]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if "slow" not in item.keywords]
 
 
 def _docker_answers() -> bool:
@@ -74,7 +76,7 @@ def settings_for(kafka_bootstrap, unique, tmp_path):
     """Build Settings on fresh topics and a fresh group; creates the topics."""
 
     def make(partitions: int = 6, create: bool = True, **overrides) -> Settings:
-        s = Settings(
+        defaults = dict(
             bootstrap_servers=kafka_bootstrap,
             group_id=f"g-{unique}",
             input_topic=f"tx-{unique}",
@@ -83,8 +85,8 @@ def settings_for(kafka_bootstrap, unique, tmp_path):
             worker_id=f"test-{unique}",
             metrics_port=0,
             consumer_config={"session.timeout.ms": "6000", "heartbeat.interval.ms": "500"},
-            **overrides,
         )
+        s = Settings(**(defaults | overrides))
         if create:
             create_topics({"bootstrap.servers": kafka_bootstrap},
                           {s.input_topic: partitions, s.verdict_topic: partitions, s.dead_letter_topic: partitions})

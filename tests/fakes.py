@@ -60,10 +60,7 @@ def make_manifest(**overrides) -> Manifest:
 
 
 class FakeScorer:
-    """A scorer whose probability for a row is its amount, unless `probabilities` maps that amount elsewhere.
-
-    `predict` raises for any matrix holding an amount in `fail_on`, and records the row count of each call.
-    """
+    """A scorer whose probability for a row is its amount (or `probabilities[amount]`); it counts calls."""
 
     def __init__(self, probabilities: dict[float, float] | None = None, fail_on=(), manifest: Manifest | None = None):
         self.manifest = manifest or make_manifest()
@@ -72,6 +69,7 @@ class FakeScorer:
         self.calls: list[int] = []
 
     def predict(self, matrix: np.ndarray) -> np.ndarray:
+        """Record the call's row count; raise if any row's amount is in `fail_on`, else return the probabilities."""
         self.calls.append(len(matrix))
         amounts = [float(a) for a in matrix[:, 0]]
         if self.fail_on.intersection(amounts):

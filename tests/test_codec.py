@@ -94,11 +94,11 @@ def test_value_above_max_message_bytes_is_decode_error():
 
 
 def test_validate_accepts_a_good_transaction_and_the_limits():
-    """validate accepts ordinary values, zero doubles, 128-character ids and both ends of the event time range."""
-    validate(make_txn())
-    validate(make_txn(**{name: 0.0 for name in DOUBLES}))
-    validate(make_txn(transaction_id="t" * 128, card_id="c" * 128, event_time=MIN_EVENT_MS))
-    validate(make_txn(event_time=MAX_EVENT_MS - 1))
+    """validate accepts (returns None for) ordinary values, zero doubles, 128-character ids and both ends of the event time range."""
+    assert validate(make_txn()) is None
+    assert validate(make_txn(**{name: 0.0 for name in DOUBLES})) is None
+    assert validate(make_txn(transaction_id="t" * 128, card_id="c" * 128, event_time=MIN_EVENT_MS)) is None
+    assert validate(make_txn(event_time=MAX_EVENT_MS - 1)) is None
 
 
 @pytest.mark.parametrize("name", DOUBLES)

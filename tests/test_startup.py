@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kafkatools import committed_offsets, settings_env
+from tests.kafkatools import committed_offsets
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = ROOT / "models" / "fraud-gbt.json"
@@ -56,7 +56,7 @@ def test_bad_model_stops_start_up_before_consuming(case, settings_for, tmp_path)
     """A missing, corrupt or mismatched model gives one error line, exit 2, and no committed offset."""
     make_manifest, needle = CASES[case]
     s = settings_for(partitions=1, model_manifest=make_manifest(tmp_path))
-    done = _run(settings_env(s))
+    done = _run(s.to_env())
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2
     assert len(lines) == 1 and lines[0].startswith("fraud-worker: ") and needle in lines[0], done.stderr
@@ -85,7 +85,7 @@ def test_unreachable_broker_is_one_clear_line():
 @pytest.mark.kafka
 def test_missing_topic_is_one_clear_line(settings_for):
     """A verdict topic that does not exist stops start-up and says how to create it."""
-    s = settings_for(partitions=1).model_copy(update={"verdict_topic": "no-such-topic-xyz"})
-    done = _run(settings_env(s))
+    s = settings_for(partitions=1).model_copy(update={"verdict_topic": "no-such-topic-xyz", "startup_timeout_s": 3})
+    done = _run(s.to_env())
     assert done.returncode == 2
     assert "no-such-topic-xyz" in done.stderr and "fraud-worker topics" in done.stderr

@@ -139,8 +139,7 @@ def test_sigterm_of_one_replica_loses_and_duplicates_nothing(settings_for, tmp_p
     n = 30_000
     a = WorkerProcess(s.model_copy(update={"worker_id": "replica-a"}), tmp_path / "a.log")
     b = WorkerProcess(s.model_copy(update={"worker_id": "replica-b"}), tmp_path / "b.log")
-    a.wait_assigned()
-    b.wait_assigned()
+    assert a.wait_assigned() and b.wait_assigned(), a.log()[-2000:] + b.log()[-2000:]
 
     sender = threading.Thread(target=produce_transactions, args=(s, traffic.generated(n, seed=11, prefix="term"), 4000))
     sender.start()
@@ -161,7 +160,7 @@ def test_sigkill_and_restart_gives_every_transaction_a_verdict(settings_for, tmp
     s = settings_for(partitions=6)
     n = 20_000
     first = WorkerProcess(s, tmp_path / "first.log")
-    first.wait_assigned()
+    assert first.wait_assigned(), first.log()[-2000:]
 
     sender = threading.Thread(target=produce_transactions, args=(s, traffic.generated(n, seed=13, prefix="kill"), 4000))
     sender.start()

@@ -50,6 +50,7 @@ class Worker:
         self._redo: list[tuple[Slice, DeadLetter, bool]] = []
         self._auth_error: str | None = None
         self._assigned: set[TP] = set()
+        self._revocations = 0
         self.kafka: KafkaIO | None = None
         m = scorer.manifest
         self.metrics.model.info({"name": m.name, "version": m.version, "sha256": m.sha256})
@@ -60,13 +61,19 @@ class Worker:
         s = self.settings
         conf = {**client_config(s), "error_cb": self._on_error}
         topics = (s.input_topic, s.verdict_topic, s.dead_letter_topic)
-        try:
-            found = describe_topics(conf, topics, s.startup_timeout_s)
-        except KafkaFatal as exc:
-            raise StartupError(self._auth_error or str(exc)) from None
-        if self._auth_error:
-            raise StartupError(self._auth_error)
-        missing = [t for t in topics if t not in found]
+        deadline = time.monotonic() + s.startup_timeout_s
+        while True:
+            try:
+                found = describe_topics(conf, topics, max(1.0, deadline - time.monotonic()))
+            except KafkaFatal as exc:
+                raise StartupError(self._auth_error or str(exc)) from None
+            if self._auth_error:
+                raise StartupError(self._auth_error)
+            missing = [t for t in topics if t not in found]
+            # A broker that has just restarted may not know every topic yet.
+            if not missing or time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
         if missing:
             raise StartupError(f"topic(s) {', '.join(missing)} do not exist on {s.bootstrap_servers}; create them with `fraud-worker topics`")
         self.health.broker_reachable = True
@@ -75,7 +82,12 @@ class Worker:
         """Run until the stop event is set (exit code 0) or a fatal error (exit code 1)."""
         self.check_topics()
         s = self.settings
-        self.kafka = KafkaIO(s, self._on_assign, self._on_revoke, self._on_error, self._on_commit)
+        if self.stop.is_set():
+            return 0
+        self.kafka = KafkaIO(s, self._on_assign, self._on_revoke, self._on_error, self._on_commit,
+                             failed=lambda: self.fatal is not None)
+        self._batch_limit = s.batch_max_size
+        budget = self.kafka.max_poll_interval_s()
         self.kafka.subscribe()
         log.info("worker_started", input=s.input_topic, model=self.scorer.manifest.name,
                  model_version=self.scorer.manifest.version, batch_max_size=s.batch_max_size)
@@ -84,9 +96,13 @@ class Worker:
         try:
             while not self.stop.is_set() and self.fatal is None:
                 self.health.beat()
-                msgs = self.kafka.poll_batch(s.batch_max_size, s.batch_max_wait_ms / 1000.0, _POLL_BLOCK_S)
+                revocations = self._revocations
+                msgs = self.kafka.poll_batch(self._batch_limit, s.batch_max_wait_ms / 1000.0, _POLL_BLOCK_S)
+                if revocations != self._revocations:
+                    # consume() can return messages fetched before a revoke it ran; their new owner scores them.
+                    msgs = [m for m in msgs if (m.topic(), m.partition()) in self._assigned]
                 if msgs:
-                    self._process(msgs)
+                    self._adapt_batch_limit(self._process(msgs), budget)
                 self.kafka.serve_deliveries(0)
                 self._produce_redo()
                 now = time.monotonic()
@@ -98,9 +114,21 @@ class Worker:
                     last_lag = now
         except KafkaFatal as exc:
             self._fail(str(exc))
+        except Exception as exc:  # a bug must still stop cleanly: drain, commit only what is acknowledged
+            log.exception("unexpected_error")
+            self._fail(f"unexpected {type(exc).__name__}: {exc}")
         return self._shutdown()
 
-    def _process(self, msgs: list[Message]) -> None:
+    def _adapt_batch_limit(self, seconds: float, budget: float) -> None:
+        """Halve the batch when one took over a third of max.poll.interval.ms, so a slow model cannot livelock the group."""
+        if seconds > budget / 3 and self._batch_limit > 1:
+            self._batch_limit = max(1, self._batch_limit // 2)
+            log.warning("batch_limit_lowered", seconds=round(seconds, 3), batch_limit=self._batch_limit,
+                        max_poll_interval_s=budget)
+        elif seconds < budget / 20 and self._batch_limit < self.settings.batch_max_size:
+            self._batch_limit = min(self.settings.batch_max_size, self._batch_limit * 2)
+
+    def _process(self, msgs: list[Message]) -> float:
         t0 = time.perf_counter()
         outcome = score_batch(msgs, self.scorer, self.codec, int(time.time() * 1000))
         spans: dict[TP, list[int]] = {}
@@ -121,6 +149,7 @@ class Worker:
         self.metrics.inference.observe(seconds)
         log.info("batch_scored", size=len(msgs), verdicts=len(outcome.verdicts),
                  dead_letters=len(outcome.dead_letters), ms=round(seconds * 1000, 2))
+        return seconds
 
     def _produce_dead_letter(self, s: Slice, dl: DeadLetter, stripped: bool = False) -> None:
         msg = dl.message
@@ -171,7 +200,11 @@ class Worker:
             self._produce_redo()
 
     def _commit(self, asynchronous: bool, tps: set[TP] | None = None) -> None:
-        positions = self.tracker.to_commit(tps)
+        if asynchronous:
+            positions = self.tracker.to_commit(tps)
+        else:
+            # A final commit resends every safe position: an earlier async commit of it may still fail.
+            positions = {tp: pos for tp, pos in self.tracker.safe_positions().items() if tps is None or tp in tps}
         if not positions:
             return
         try:
@@ -180,7 +213,7 @@ class Worker:
         except KafkaException as exc:
             self.tracker.uncommit(positions)
             self.metrics.commit_failures.inc()
-            log.warning("commit_failed", error=exc.args[0].str(), partitions=len(positions))
+            log.warning("commit_failed", error=exc.args[0].str(), partitions=len(positions), sync=not asynchronous)
 
     def _on_commit(self, err: KafkaError | None, positions: dict[TP, int]) -> None:
         if err is not None and err.code() != KafkaError._NO_OFFSET:
@@ -204,6 +237,7 @@ class Worker:
                 log.warning("revoke_with_unacknowledged_output", outstanding=remaining)
         self.tracker.forget(tps)
         self._assigned -= tps
+        self._revocations += 1
         for topic, partition in tps:
             try:
                 self.metrics.lag.remove(topic, str(partition))

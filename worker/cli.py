@@ -6,6 +6,7 @@ import argparse
 import json
 import signal
 import sys
+import threading
 
 from . import logs
 from .settings import SettingsError, load_settings
@@ -34,6 +35,18 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="end to end on a broker: topics, worker, traffic, verdicts, summary")
     p.add_argument("--count", type=int, default=50_000)
     p.add_argument("--rate", type=float, default=5_000.0, help="transactions per second")
+    p = sub.add_parser("chaos", help="fault-injection run on a broker of its own, then an audit of every message")
+    p.add_argument("--transactions", type=int, default=20_000)
+    p.add_argument("--rate", type=float, default=800.0, help="transactions per second")
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--kills", type=int, default=3, help="SIGKILLs of a replica mid-batch (each restarted)")
+    p.add_argument("--terms", type=int, default=0, help="SIGTERMs of a replica (each restarted)")
+    p.add_argument("--broker-restarts", type=int, default=1)
+    p.add_argument("--storm", action="store_true", help="scale 1 -> 3 -> 1 replicas while traffic flows")
+    p.add_argument("--unwritable", action="store_true", help="deny writes to the verdict topic for a while")
+    p.add_argument("--port", type=int, default=49092, help="port of the harness's own broker")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="var/chaos", help="where logs and report.json go")
     args = parser.parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
@@ -55,9 +68,17 @@ def _run(args) -> int:
     logs.configure(settings.log_level)
     logs.bind(worker_id=settings.worker_id, group=settings.group_id)
     log = logs.get_logger("worker")
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("stop_requested", signal=signal.Signals(signum).name)
+        stop.set()
+
+    # Installed first, so a stop during a slow start-up is still a clean exit 0.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
-        scorer = _load_scorer(settings)
-        worker = Worker(settings, scorer)
+        worker = Worker(settings, _load_scorer(settings), stop=stop)
         worker.check_topics()
     except (ManifestError, StartupError) as exc:
         log.error("startup_failed", error=str(exc))
@@ -67,13 +88,6 @@ def _run(args) -> int:
             serve(worker.metrics, worker.health, settings.metrics_host, settings.metrics_port)
         except OSError as exc:
             raise StartupFailure(f"metrics server cannot bind {settings.metrics_host}:{settings.metrics_port}: {exc.strerror}") from None
-
-    def stop(signum, _frame):
-        log.info("stop_requested", signal=signal.Signals(signum).name)
-        worker.stop.set()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     return worker.run()
 
 
@@ -110,10 +124,8 @@ def _topics(args) -> int:
 
 
 def _produce(args) -> int:
-    from confluent_kafka import Producer
-
     from . import traffic
-    from .kafka import client_config
+    from .kafka import client_config, plain_producer
 
     s = load_settings()
     if args.csv:
@@ -121,7 +133,7 @@ def _produce(args) -> int:
         txns = (t for i, t in zip(range(args.count), txns))
     else:
         txns = traffic.generated(args.count, seed=args.seed)
-    producer = Producer({**client_config(s), "linger.ms": 10, "enable.idempotence": True})
+    producer = plain_producer(client_config(s))
     sent = traffic.produce(producer, s.input_topic, txns, rate=args.rate)
     print(json.dumps({"produced": sent, "topic": s.input_topic}))
     return 0
@@ -161,7 +173,19 @@ def _demo(args) -> int:
     return run_demo(args.count, args.rate)
 
 
+def _chaos(args) -> int:
+    from pathlib import Path
+
+    from .chaos import Plan, run
+
+    plan = Plan(transactions=args.transactions, rate=args.rate, replicas=args.replicas, kills=args.kills,
+                terms=args.terms, broker_restarts=args.broker_restarts, storm=args.storm, unwritable=args.unwritable,
+                port=args.port, seed=args.seed, out=Path(args.out))
+    return 0 if run(plan).ok() else 1
+
+
 _COMMANDS = {
+    "chaos": _chaos,
     "run": _run,
     "check": _check,
     "topics": _topics,

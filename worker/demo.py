@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -13,49 +9,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from confluent_kafka import Consumer, Producer, TopicPartition
 
 from . import traffic
 from .codec import Codec
-from .kafka import client_config, create_topics
+from .kafka import client_config, create_topics, end_offsets, iter_topic, plain_producer
+from .replica import Replica
 from .settings import Settings, load_settings
 
 
-def read_verdicts(settings: Settings, idle_s: float = 5.0, stop: threading.Event | None = None) -> Iterator[tuple[dict, float]]:
+def read_verdicts(settings: Settings, idle_s: float = 5.0) -> Iterator[tuple[dict, float]]:
     """Yield (verdict, arrival time) from the start of the verdict topic until it has been idle for `idle_s`."""
     codec = Codec()
-    consumer = Consumer({**client_config(settings), "group.id": f"verdict-reader-{os.getpid()}-{time.time_ns()}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
-    consumer.subscribe([settings.verdict_topic])
-    last = time.monotonic()
-    try:
-        while time.monotonic() - last < idle_s and not (stop and stop.is_set()):
-            for msg in consumer.consume(1000, 0.2):
-                if msg.error() is None:
-                    last = time.monotonic()
-                    yield codec.decode_verdict(msg.value()), time.time()
-    finally:
-        consumer.close()
-
-
-def end_offsets(settings: Settings, topic: str) -> int:
-    """Sum of a topic's high watermarks."""
-    consumer = Consumer({**client_config(settings), "group.id": "offset-probe"})
-    try:
-        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts)
-    finally:
-        consumer.close()
-
-
-def wait_for_line(path: Path, needle: str, proc: subprocess.Popen, timeout: float) -> bool:
-    """Wait until a process's log file contains `needle`; False if it exits or time runs out first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if needle in path.read_text():
-            return True
-        time.sleep(0.1)
-    return False
+    for record in iter_topic(client_config(settings), settings.verdict_topic, idle_s):
+        if record is not None:
+            yield codec.decode_verdict(record.value), time.time()
 
 
 def run_demo(count: int, rate: float) -> int:
@@ -67,19 +34,14 @@ def run_demo(count: int, rate: float) -> int:
     settings = base.model_copy(update={**topics, "group_id": f"demo-{run}"})
     create_topics(client_config(settings), {t: 6 for t in topics.values()})
     log_path = Path("var") / f"demo-{run}-worker.log"
-    log_path.parent.mkdir(exist_ok=True)
-    env = {**os.environ, "FRAUD_BOOTSTRAP_SERVERS": settings.bootstrap_servers, "FRAUD_GROUP_ID": settings.group_id,
-           "FRAUD_INPUT_TOPIC": topics["input_topic"], "FRAUD_VERDICT_TOPIC": topics["verdict_topic"],
-           "FRAUD_DEAD_LETTER_TOPIC": topics["dead_letter_topic"], "FRAUD_METRICS_PORT": "0"}
     print(f"demo {run}: worker log in {log_path}, producing {count:,} transactions at {rate:,.0f}/s to {settings.bootstrap_servers}")
-    with open(log_path, "w") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "worker", "run"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    if not wait_for_line(log_path, "partitions_assigned", worker, 60):
+    worker = Replica(settings.model_copy(update={"metrics_port": 0}), log_path)
+    if not worker.wait_assigned(60):
         worker.kill()
         print(f"demo FAILED: the worker did not join the group; see {log_path}")
         return 1
     started = time.time()
-    producer = Producer({**client_config(settings), "linger.ms": 5, "enable.idempotence": True})
+    producer = plain_producer(client_config(settings))
     sender = threading.Thread(
         target=traffic.produce, args=(producer, settings.input_topic, traffic.generated(count, prefix=f"demo-{run}"), rate)
     )
@@ -98,12 +60,11 @@ def run_demo(count: int, rate: float) -> int:
         latencies.append(arrival - verdict["event_time"] / 1000.0)
         decisions[verdict["decision"]] += 1
         fraud += verdict["is_fraud"]
-        if len(seen) >= count or time.monotonic() > deadline or worker.poll() is not None:
+        if len(seen) >= count or time.monotonic() > deadline or not worker.alive():
             break
     sender.join()
-    worker.send_signal(signal.SIGTERM)
-    code = worker.wait(60)
-    dead = end_offsets(settings, topics["dead_letter_topic"])
+    code = worker.terminate(60)
+    dead = sum(end_offsets(client_config(settings), topics["dead_letter_topic"]).values())
     ms = np.percentile(np.array(latencies) * 1000.0, [50, 99]) if latencies else [float("nan")] * 2
     span = (last - started) if last else float("nan")
     rows = [

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable, Iterable
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import (
+    AclBinding, AclBindingFilter, AclOperation, AclPermissionType, AdminClient, NewTopic, ResourcePatternType,
+    ResourceType,
+)
 
 from .logs import get_logger
 from .offsets import TopicPartition as TP
@@ -34,6 +40,10 @@ class _ToStructlog(logging.Handler):
 LIBRDKAFKA_LOG = logging.getLogger("fraud_worker.librdkafka")
 LIBRDKAFKA_LOG.addHandler(_ToStructlog())
 LIBRDKAFKA_LOG.propagate = False
+# Tools (traffic, readers, the chaos harness) keep librdkafka quiet: a broker restart is their normal.
+QUIET_LOG = logging.getLogger("fraud_worker.tools")
+QUIET_LOG.addHandler(logging.NullHandler())
+QUIET_LOG.propagate = False
 
 
 def client_config(settings: Settings) -> dict:
@@ -75,7 +85,7 @@ def producer_config(settings: Settings) -> dict:
 
 def admin(conf: dict) -> AdminClient:
     """An AdminClient for the given client config."""
-    return AdminClient(conf)
+    return AdminClient({"logger": QUIET_LOG, **conf})
 
 
 def create_topics(conf: dict, partitions: dict[str, int], replication: int = 1, timeout: float = 30.0) -> list[str]:
@@ -113,8 +123,10 @@ class KafkaIO:
         on_revoke: Callable[[set[TP], bool], None],
         on_error: Callable[[KafkaError], None],
         on_commit: Callable[[KafkaError | None, dict[TP, int]], None],
+        failed: Callable[[], bool] = lambda: False,
     ):
         self.settings = settings
+        self.failed = failed
         self._on_assign, self._on_revoke = on_assign, on_revoke
         common = {"error_cb": on_error}
         self.producer = Producer({**producer_config(settings), **common})
@@ -149,7 +161,13 @@ class KafkaIO:
                 good.append(m)
             elif err.fatal():
                 raise KafkaFatal(f"consumer error: {err.str()}")
+            else:
+                get_logger("worker").warning("consumer_error", error=err.str())
         return good
+
+    def max_poll_interval_s(self) -> float:
+        """How long the loop may spend between polls before the group evicts this member."""
+        return int(consumer_config(self.settings).get("max.poll.interval.ms", 300_000)) / 1000.0
 
     def produce(
         self,
@@ -167,6 +185,10 @@ class KafkaIO:
                 return
             except BufferError:
                 self.producer.poll(0.05)
+                if self.failed():
+                    raise KafkaFatal(f"output not acknowledged while producing to {topic}") from None
+            except KafkaException as exc:
+                raise KafkaFatal(f"cannot produce to {topic}: {exc.args[0].str()}") from None
 
     def serve_deliveries(self, timeout: float = 0) -> None:
         """Run pending delivery callbacks."""
@@ -205,6 +227,92 @@ def answers(bootstrap: str, timeout: float = 1.0) -> bool:
         return True
     except KafkaException:
         return False
+
+
+@dataclass(frozen=True)
+class Record:
+    """A record read back from a topic (by tools, tests and the chaos audit)."""
+
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: dict[str, bytes]
+    timestamp_ms: int
+
+
+def plain_producer(conf: dict, **extra) -> Producer:
+    """An idempotent producer for tools and sample traffic."""
+    return Producer({"logger": QUIET_LOG, **conf, "enable.idempotence": True, "linger.ms": 5, **extra})
+
+
+def iter_topic(conf: dict, topic: str, idle_s: float) -> Iterator[Record | None]:
+    """Yield a topic's records from the start, and None on each empty poll, until idle for `idle_s`."""
+    consumer = Consumer({"logger": QUIET_LOG, **conf, "group.id": f"reader-{uuid.uuid4().hex}", "auto.offset.reset": "earliest",
+                         "enable.auto.commit": False})
+    consumer.subscribe([topic])
+    last = time.monotonic()
+    try:
+        while time.monotonic() - last < idle_s:
+            msgs = [m for m in consumer.consume(1000, 0.2) if m.error() is None]
+            if not msgs:
+                yield None
+            for m in msgs:
+                last = time.monotonic()
+                yield Record(m.partition(), m.offset(), m.key(), m.value(), dict(m.headers() or []), m.timestamp()[1])
+    finally:
+        consumer.close()
+
+
+def read_topic(conf: dict, topic: str, expected: int, timeout: float = 120.0, idle_s: float = 5.0) -> list[Record]:
+    """Read a topic from the start until `expected` records arrived, or it stayed idle past the timeout."""
+    out: list[Record] = []
+    deadline = time.monotonic() + timeout
+    for record in iter_topic(conf, topic, idle_s=timeout + idle_s):
+        if record is not None:
+            out.append(record)
+            if len(out) == expected:
+                # Linger briefly so that extra (duplicate) records are read too.
+                deadline = min(deadline, time.monotonic() + 1.0)
+        if time.monotonic() > deadline:
+            break
+    return out
+
+
+def end_offsets(conf: dict, topic: str) -> dict[int, int]:
+    """The high watermark of each partition of a topic."""
+    consumer = Consumer({"logger": QUIET_LOG, **conf, "group.id": "offset-probe"})
+    try:
+        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
+    finally:
+        consumer.close()
+
+
+def committed_offsets(conf: dict, group: str, topic: str) -> dict[int, int]:
+    """A group's committed offset for each partition of a topic (-1001 when none)."""
+    consumer = Consumer({"logger": QUIET_LOG, **conf, "group.id": group})
+    try:
+        parts = [TopicPartition(topic, p) for p in end_offsets(conf, topic)]
+        return {tp.partition: tp.offset for tp in consumer.committed(parts, timeout=10)}
+    finally:
+        consumer.close()
+
+
+def _acls(topic: str, filter_: bool = False) -> list:
+    cls = AclBindingFilter if filter_ else AclBinding
+    # Once a topic has any ACL, "allow everyone if no ACL found" stops applying to it, hence the explicit ALLOW.
+    return [cls(ResourceType.TOPIC, topic, ResourcePatternType.LITERAL, "User:ANONYMOUS", "*", op, permission)
+            for op, permission in ((AclOperation.ALL, AclPermissionType.ALLOW), (AclOperation.WRITE, AclPermissionType.DENY))]
+
+
+def set_topic_writable(conf: dict, topic: str, writable: bool, timeout: float = 30.0) -> None:
+    """Add or remove a DENY WRITE ACL for anonymous clients on a topic (a fault for the chaos harness)."""
+    client = admin(conf)
+    futures = (client.delete_acls(_acls(topic, True), request_timeout=timeout) if writable
+               else client.create_acls(_acls(topic), request_timeout=timeout))
+    for future in futures.values():
+        future.result()
 
 
 def wait_for_broker(conf: dict, timeout: float) -> None:

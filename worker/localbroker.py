@@ -55,6 +55,7 @@ class LocalBroker:
     home: Path = field(default_factory=lambda: CACHE / "broker-9092")
     scram_users: dict[str, str] = field(default_factory=dict)
     sasl_port: int | None = None
+    acls: bool = False
     heap: str = "768m"
 
     def __post_init__(self) -> None:
@@ -164,6 +165,10 @@ class LocalBroker:
                 "listener.name.sasl.scram-sha-512.sasl.jaas.config="
                 "org.apache.kafka.common.security.scram.ScramLoginModule required;",
             ]
+        if self.acls:
+            # Everyone may do everything until an ACL says otherwise; the chaos harness adds DENY ACLs as faults.
+            extra += ["authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+                      "allow.everyone.if.no.acl.found=true"]
         lines = [
             "process.roles=broker,controller",
             "node.id=1",

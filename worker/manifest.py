@@ -81,7 +81,7 @@ class Manifest(BaseModel):
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise ManifestError(f"model manifest not found: {path}") from None
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError covers JSONDecodeError and UnicodeDecodeError
             raise ManifestError(f"model manifest {path} is not readable JSON: {exc}") from None
         try:
             return cls(**data, path=path.resolve())

@@ -79,13 +79,18 @@ def decide(txn: Transaction, probability: float, manifest: Manifest, now_ms: int
 def _predict(scorer: Scorer, txns: list[Transaction]) -> list[float | Exception]:
     """One model call for the batch; if it fails, score row by row so one bad row cannot sink the rest."""
     try:
-        return scorer.predict(scorer.manifest.feature_matrix(txns)).tolist()
+        probs = np.asarray(scorer.predict(scorer.manifest.feature_matrix(txns)), dtype=np.float64)
+        if probs.shape == (len(txns),):  # anything else would pair probabilities with the wrong rows, or drop rows
+            return probs.tolist()
     except Exception:
         pass
     results: list[float | Exception] = []
     for txn in txns:
         try:
-            results.append(float(scorer.predict(scorer.manifest.feature_matrix([txn]))[0]))
+            prob = np.asarray(scorer.predict(scorer.manifest.feature_matrix([txn])), dtype=np.float64)
+            if prob.shape != (1,):
+                raise ValueError(f"model returned shape {prob.shape} for one row, expected (1,)")
+            results.append(float(prob[0]))
         except Exception as exc:
             results.append(exc)
     return results

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -9,8 +10,11 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as SourceError
 
 ROOT = Path(__file__).resolve().parent.parent
+# Read by the local-broker tooling, not by the worker.
+TOOL_VARIABLES = {"FRAUD_CACHE_DIR", "FRAUD_KAFKA_VERSION", "FRAUD_TEST_BROKER_PORT"}
 _SECRET_WORDS = ("password", "secret", "token", "key.pem", "keystore", "credentials")
 
 
@@ -65,6 +69,17 @@ class Settings(BaseSettings):
             raise ValueError(f"put secrets in the dedicated SecretStr settings, not in pass-through keys {bad}")
         return v
 
+    def to_env(self) -> dict[str, str]:
+        """The FRAUD_* environment that reproduces these settings in a child process (secrets included)."""
+        env = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            env[f"FRAUD_{name.upper()}"] = json.dumps(value) if isinstance(value, dict) else str(value)
+        return env
+
     def security_config(self) -> dict[str, str]:
         """librdkafka security settings, secrets included; never log the result."""
         conf = {"security.protocol": self.security_protocol}
@@ -83,7 +98,7 @@ class Settings(BaseSettings):
 
 def load_settings(**overrides) -> Settings:
     """Read the settings; raise SettingsError with one line naming every bad field, never its value."""
-    unknown = sorted(k for k in os.environ if k.startswith("FRAUD_") and k[6:].lower() not in Settings.model_fields)
+    unknown = sorted(k for k in os.environ if k.startswith("FRAUD_") and k[6:].lower() not in Settings.model_fields and k not in TOOL_VARIABLES)
     if unknown:
         raise SettingsError(f"invalid configuration: unknown setting(s) {', '.join(unknown)}")
     try:
@@ -93,3 +108,5 @@ def load_settings(**overrides) -> Settings:
             f"FRAUD_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors(include_input=False)
         )
         raise SettingsError(f"invalid configuration: {problems}") from None
+    except SourceError as exc:  # malformed JSON in a dict field; the message names the field, never the value
+        raise SettingsError(f"invalid configuration: {exc}") from None

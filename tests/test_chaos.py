@@ -1,0 +1,85 @@
+"""Nothing lost under faults: the chaos harness on its own broker, and a batch slower than max.poll.interval.ms."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import pytest
+
+from tests.kafkatools import (
+    WorkerThread, committed_offsets, end_offsets, produce_transactions, read_topic, wait_until,
+)
+from worker import traffic
+from worker.chaos import Plan, run
+from worker.codec import Codec
+from worker.model import OnnxScorer
+
+pytestmark = pytest.mark.kafka
+
+
+def _assert_nothing_lost(report) -> None:
+    assert report.lost == 0
+    assert report.unique_verdicts == report.inputs
+    assert report.dead_letters == report.poison_pills and report.dead_letters_wrong_stage == 0
+    assert report.unexpected_dead_letters == 0
+    assert report.committed_equals_end, (report.committed, report.end)
+
+
+def test_bounded_chaos_kills_broker_restart_and_unwritable_output(tmp_path):
+    """20,000 transactions through 3 SIGKILLs, a broker restart and an unwritable verdict topic: none lost."""
+    report = run(Plan(transactions=20_000, rate=800, kills=3, broker_restarts=1, unwritable=True, out=tmp_path))
+    _assert_nothing_lost(report)
+    faults = Counter(f["fault"] for f in report.faults)
+    assert faults == {"kill": 3, "broker_restart": 1, "verdict_topic_unwritable": 1}
+    outage = next(f for f in report.faults if f["fault"] == "verdict_topic_unwritable")
+    assert outage["stopped_loudly"] and all(code == 1 for code in outage["exits"])
+    assert report.uncovered_below_commit_during_outage == 0
+    print(f"\n{report.table()}")
+
+
+def test_sigterm_and_rebalance_storm_give_no_duplicates(tmp_path):
+    """SIGTERMs and a 1 -> 3 -> 1 rebalance storm while traffic flows lose nothing and duplicate nothing."""
+    report = run(Plan(transactions=6_000, rate=400, replicas=1, kills=0, terms=2, broker_restarts=0, storm=True,
+                      port=49192, out=tmp_path))
+    _assert_nothing_lost(report)
+    assert report.duplicates == 0
+    terms = [f for f in report.faults if f["fault"] in ("term", "rebalance_storm")]
+    assert len(terms) == 3
+    assert all(f.get("exit", 0) == 0 for f in terms)
+    assert all(code == 0 for f in terms for code in f.get("term_exits", []))
+
+
+class SlowScorer:
+    """The real model, made slow per row, as a model far slower than the group's poll interval."""
+
+    def __init__(self, inner: OnnxScorer, seconds_per_row: float):
+        self.manifest, self._inner, self._delay = inner.manifest, inner, seconds_per_row
+
+    def predict(self, matrix):
+        time.sleep(self._delay * len(matrix))
+        return self._inner.predict(matrix)
+
+
+def test_batch_slower_than_max_poll_interval_does_not_livelock(settings_for):
+    """A first batch that outlasts max.poll.interval.ms shrinks the batch limit, and every transaction is scored."""
+    s = settings_for(partitions=2, consumer_config={"session.timeout.ms": "6000", "max.poll.interval.ms": "7000"})
+    txns = list(traffic.generated(1_500, seed=21, prefix="slow"))
+    produce_transactions(s, txns)
+    scorer = SlowScorer(OnnxScorer.load(s.model_manifest), seconds_per_row=0.008)
+    with WorkerThread(s, scorer=scorer) as w:
+        wait_until(lambda: committed_offsets(s) == end_offsets(s, s.input_topic), 150, "every offset committed")
+        limit = w.worker._batch_limit
+        assert w.stop() == 0
+    verdicts = read_topic(s, s.verdict_topic, sum(end_offsets(s, s.verdict_topic).values()))
+    ids = {Codec().decode_verdict(v.value)["transaction_id"] for v in verdicts}
+    assert ids == {t.transaction_id for t in txns}
+    assert limit < s.batch_max_size
+
+
+@pytest.mark.slow
+def test_long_chaos_run(tmp_path):
+    """The long run: 200,000 transactions, 10 SIGKILLs, SIGTERMs, a broker restart, a storm and an outage."""
+    report = run(Plan(transactions=200_000, rate=1500, kills=10, terms=2, broker_restarts=1, storm=True,
+                      unwritable=True, out=tmp_path))
+    _assert_nothing_lost(report)
