@@ -33,5 +33,9 @@ test-all: setup
 model: setup
 	$(BIN)/python models/train.py
 
+bench: setup
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -14,13 +14,25 @@ from .logs import get_logger
 from .metrics import Health, Metrics
 from .offsets import OffsetTracker, Slice
 from .offsets import TopicPartition as TP
-from .records import DeadLetter, Message, Stage, Verdict, dead_letter_headers
+from .records import BatchOutcome, DeadLetter, Message, Stage, dead_letter_headers
 from .scoring import Scorer, score_batch
 from .settings import Settings
 
 log = get_logger("worker")
 _LAG_INTERVAL_S = 5.0
 _POLL_BLOCK_S = 0.5
+
+
+class _Ticket:
+    """One batch's outputs awaiting acknowledgement; its metrics are recorded when the last one is acknowledged."""
+
+    __slots__ = ("outcome", "outstanding", "refused", "dead_letter_stages")
+
+    def __init__(self, outcome: BatchOutcome):
+        self.outcome = outcome
+        self.outstanding = len(outcome.scored) + len(outcome.dead_letters)
+        self.refused: set[int] = set()
+        self.dead_letter_stages: list[str] = []
 
 
 class StartupError(RuntimeError):
@@ -47,7 +59,7 @@ class Worker:
         self.health = health or Health(settings.health_timeout_s)
         self.tracker = OffsetTracker()
         self.fatal: str | None = None
-        self._redo: list[tuple[Slice, DeadLetter, bool]] = []
+        self._redo: list[tuple[Slice, _Ticket, DeadLetter, bool]] = []
         self._auth_error: str | None = None
         self._assigned: set[TP] = set()
         self._revocations = 0
@@ -64,7 +76,8 @@ class Worker:
         deadline = time.monotonic() + s.startup_timeout_s
         while True:
             try:
-                found = describe_topics(conf, topics, max(1.0, deadline - time.monotonic()))
+                found = describe_topics(conf, topics, max(1.0, deadline - time.monotonic()),
+                                        stop_early=lambda: self._auth_error is not None)
             except KafkaFatal as exc:
                 raise StartupError(self._auth_error or str(exc)) from None
             if self._auth_error:
@@ -91,7 +104,7 @@ class Worker:
         self.kafka.subscribe()
         log.info("worker_started", input=s.input_topic, model=self.scorer.manifest.name,
                  model_version=self.scorer.manifest.version, batch_max_size=s.batch_max_size)
-        last_commit = last_lag = time.monotonic()
+        last_commit, last_lag = time.monotonic(), 0.0
         commit_every = s.commit_interval_ms / 1000.0
         try:
             while not self.stop.is_set() and self.fatal is None:
@@ -137,21 +150,21 @@ class Worker:
             span[0] = m.offset()
             span[1] += 1
         slices = {tp: self.tracker.open(tp, last, n) for tp, (last, n) in spans.items()}
-        topic, encode, produce = self.settings.verdict_topic, self.codec.encode_verdict, self.kafka.produce
-        for msg, verdict in outcome.verdicts:
-            s = slices[(msg.topic(), msg.partition())]
-            produce(topic, msg.key(), encode(verdict), partial(self._verdict_delivered, s, msg, verdict))
+        ticket = _Ticket(outcome)
+        topic, produce, delivered = self.settings.verdict_topic, self.kafka.produce, self._verdict_delivered
+        for i, (msg, value) in enumerate(zip(outcome.scored, outcome.encoded)):
+            produce(topic, msg.key(), value, partial(delivered, slices[(msg.topic(), msg.partition())], ticket, i))
         for dl in outcome.dead_letters:
-            self._produce_dead_letter(slices[(dl.message.topic(), dl.message.partition())], dl)
+            self._produce_dead_letter(slices[(dl.message.topic(), dl.message.partition())], ticket, dl)
         seconds = time.perf_counter() - t0
         self.metrics.consumed.inc(len(msgs))
         self.metrics.batch_size.observe(len(msgs))
         self.metrics.inference.observe(seconds)
-        log.info("batch_scored", size=len(msgs), verdicts=len(outcome.verdicts),
+        log.info("batch_scored", size=len(msgs), verdicts=len(outcome.scored),
                  dead_letters=len(outcome.dead_letters), ms=round(seconds * 1000, 2))
         return seconds
 
-    def _produce_dead_letter(self, s: Slice, dl: DeadLetter, stripped: bool = False) -> None:
+    def _produce_dead_letter(self, s: Slice, ticket: _Ticket, dl: DeadLetter, stripped: bool = False) -> None:
         msg = dl.message
         now_ms = int(time.time() * 1000)
         headers = dead_letter_headers(dl, self.settings.group_id, self.settings.worker_id, now_ms)
@@ -163,32 +176,42 @@ class Worker:
         ts_type, ts = msg.timestamp()
         self.kafka.produce(
             self.settings.dead_letter_topic, msg.key(), value,
-            partial(self._dead_letter_delivered, s, dl, stripped), headers=headers, timestamp=ts if ts_type else 0,
+            partial(self._dead_letter_delivered, s, ticket, dl, stripped), headers=headers,
+            timestamp=ts if ts_type else 0,
         )
 
-    def _verdict_delivered(self, s: Slice, msg: Message, verdict: Verdict, err: KafkaError | None, _produced) -> None:
+    def _verdict_delivered(self, s: Slice, ticket: _Ticket, i: int, err: KafkaError | None, _produced) -> None:
         if err is None:
-            self.tracker.ack(s)
-            self.metrics.verdict_acked(verdict.decision.value, verdict.is_fraud, verdict.event_time, time.time())
+            self._acked(s, ticket)
         elif err.code() in RECORD_ERRORS:
-            self._redo.append((s, DeadLetter(msg, Stage.PRODUCE, "KafkaError", err.str()), False))
+            ticket.refused.add(i)
+            msg = ticket.outcome.scored[i]
+            self._redo.append((s, ticket, DeadLetter(msg, Stage.PRODUCE, "KafkaError", err.str()), False))
         else:
+            msg = ticket.outcome.scored[i]
             self._fail(f"verdict for {msg.topic()}[{msg.partition()}]@{msg.offset()} not acknowledged: {err.str()}")
 
-    def _dead_letter_delivered(self, s: Slice, dl: DeadLetter, stripped: bool, err: KafkaError | None, _produced) -> None:
+    def _dead_letter_delivered(self, s: Slice, ticket: _Ticket, dl: DeadLetter, stripped: bool,
+                               err: KafkaError | None, _produced) -> None:
         if err is None:
-            self.tracker.ack(s)
-            self.metrics.dead_letters.labels(dl.stage.value).inc()
+            ticket.dead_letter_stages.append(dl.stage.value)
+            self._acked(s, ticket)
         elif err.code() in RECORD_ERRORS and not stripped:
-            self._redo.append((s, dl, True))
+            self._redo.append((s, ticket, dl, True))
         else:
             m = dl.message
             self._fail(f"dead letter for {m.topic()}[{m.partition()}]@{m.offset()} not acknowledged: {err.str()}")
 
+    def _acked(self, s: Slice, ticket: _Ticket) -> None:
+        self.tracker.ack(s)
+        ticket.outstanding -= 1
+        if ticket.outstanding == 0:
+            self.metrics.batch_acked(ticket.outcome, ticket.refused, ticket.dead_letter_stages, time.time())
+
     def _produce_redo(self) -> None:
         while self._redo and self.fatal is None:
-            s, dl, stripped = self._redo.pop(0)
-            self._produce_dead_letter(s, dl, stripped)
+            s, ticket, dl, stripped = self._redo.pop(0)
+            self._produce_dead_letter(s, ticket, dl, stripped)
 
     def _drain(self, timeout: float) -> int:
         """Flush until every output is acknowledged (re-producing refused records as dead letters) or time runs out."""

@@ -1,21 +1,45 @@
-"""Avro encoding of transactions and verdicts with fastavro; every decode failure is one DecodeError."""
+"""Avro for transactions and verdicts: a batch codec compiled to our two schemas, and fastavro for the rest."""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
-import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import fastavro
+import numpy as np
 
-from .records import Transaction, Verdict
+from .records import Decision, Transaction, Verdict
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
-_DOUBLES = ("amount", "distance_from_home", "distance_from_last_transaction", "ratio_to_median_purchase_price")
 # Event times outside 2000-01-01 .. 2100-01-01 are data errors, not payments.
 _MIN_EVENT_MS, _MAX_EVENT_MS = 946_684_800_000, 4_102_444_800_000
-_MAX_ID_CHARS = 128
+_MAX_ID_BYTES = 128
+_DOUBLES = ("amount", "distance_from_home", "distance_from_last_transaction", "ratio_to_median_purchase_price")
+_BOOLEANS = ("repeat_retailer", "used_chip", "used_pin_number", "online_order")
+# The wire layout the batch codec is written for; Codec refuses schemas that differ from it.
+TRANSACTION_LAYOUT = [("transaction_id", "string"), ("card_id", "string"), ("amount", "double"),
+                      ("event_time", "long"), ("distance_from_home", "double"),
+                      ("distance_from_last_transaction", "double"), ("ratio_to_median_purchase_price", "double"),
+                      *((name, "boolean") for name in _BOOLEANS)]
+VERDICT_LAYOUT = [("transaction_id", "string"), ("card_id", "string"), ("fraud_probability", "double"),
+                  ("is_fraud", "boolean"), ("decision", "enum"), ("review_threshold", "double"),
+                  ("decline_threshold", "double"), ("model_name", "string"), ("model_version", "string"),
+                  ("event_time", "long"), ("scored_at", "long")]
+# The fixed-width parts of a transaction (amount, then the three doubles and four booleans after event_time).
+_FIXED = np.dtype([(name, "<f8") for name in _DOUBLES] + [(name, "u1") for name in _BOOLEANS])
+_TAIL_BYTES = 3 * 8 + 4
+_DOUBLE = struct.Struct("<d")
+_PAD = 16
+_TEN = np.arange(10)
+_SHIFTS = (np.arange(10) * 7).astype(np.uint64)
+_AMOUNT = np.arange(8)
+_TAIL = np.arange(_TAIL_BYTES)
+_DECISION_CODES = (Decision.APPROVE, Decision.REVIEW, Decision.DECLINE)
 
 
 class DecodeError(ValueError):
@@ -26,56 +50,195 @@ class ValidationError(ValueError):
     """A decoded Transaction holds values that cannot be scored."""
 
 
-def load_schema(name: str, schema_dir: Path = SCHEMA_DIR, booleans_as_bytes: bool = False) -> dict:
+def load_schema(name: str, schema_dir: Path = SCHEMA_DIR) -> dict:
     """Parse schemas/<name>.avsc, keeping timestamps as plain epoch-millisecond longs."""
     raw = json.loads((schema_dir / f"{name}.avsc").read_text())
     for f in raw["fields"]:
         if isinstance(f["type"], dict) and f["type"].get("logicalType") == "timestamp-millis":
             f["type"] = "long"
-        elif booleans_as_bytes and f["type"] == "boolean":
-            f["type"] = {"type": "fixed", "name": f"{f['name']}_byte", "size": 1}
     return fastavro.parse_schema(raw)
 
 
+def _layout(schema: dict) -> list[tuple[str, str]]:
+    return [(f["name"], f["type"] if isinstance(f["type"], str) else f["type"]["type"]) for f in schema["fields"]]
+
+
+@dataclass(slots=True)
+class TransactionBatch:
+    """Decoded transactions as columns; `rows` maps each back to its position in the consumed batch."""
+
+    rows: list[int]
+    buf: np.ndarray  # the batch's values back to back (uint8), with spans into it per row:
+    starts: np.ndarray  # record start = start of transaction_id's length prefix
+    card_starts: np.ndarray  # start of card_id's length prefix
+    id_ends: np.ndarray  # end of card_id = start of amount
+    time_ends: np.ndarray  # end of event_time's varint
+    event_times: np.ndarray
+    fixed: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def column(self, name: str) -> np.ndarray:
+        """A numeric field as float64 (booleans as 0.0/1.0)."""
+        if name == "event_time":
+            return self.event_times.astype(np.float64)
+        return self.fixed[name].astype(np.float64)
+
+    def take(self, positions: Sequence[int]) -> TransactionBatch:
+        """The batch restricted to the given positions."""
+        idx = np.asarray(positions, dtype=np.intp)
+        return TransactionBatch([self.rows[i] for i in positions], self.buf, self.starts[idx], self.card_starts[idx],
+                                self.id_ends[idx], self.time_ends[idx], self.event_times[idx], self.fixed[idx])
+
+    def ids(self, i: int) -> tuple[str, str]:
+        """Row i's transaction_id and card_id (a DecodeError if they are not UTF-8)."""
+        start = int(self.starts[i])
+        raw = self.buf[start:int(self.id_ends[i])].tobytes()
+        return _read_string(raw, 0, "transaction_id")[0], _read_string(raw, int(self.card_starts[i]) - start, "card_id")[0]
+
+    def transaction(self, i: int) -> Transaction:
+        """Row i as a typed Transaction."""
+        f = self.fixed[i]
+        return Transaction(*self.ids(i), float(f["amount"]), int(self.event_times[i]),
+                           *(float(f[n]) for n in _DOUBLES[1:]), *(bool(f[n]) for n in _BOOLEANS))
+
+    @classmethod
+    def of(cls, txns: Sequence[Transaction]) -> TransactionBatch:
+        """Typed transactions as a batch (for the Python API and tests)."""
+        batch, errors = _plain_codec().decode_batch([Codec.encode_transaction_unchecked(t) for t in txns])
+        assert not errors, errors
+        return batch
+
+
+_TRANSACTION_WRITER = load_schema("transaction")
+
+
 class Codec:
-    """Reads transactions and writes verdicts in Avro binary (no framing)."""
+    """Reads batches of transactions and writes batches of verdicts in plain Avro binary (no framing)."""
 
     def __init__(self, schema_dir: Path = SCHEMA_DIR, max_message_bytes: int = 65536):
         self.transaction_schema = load_schema("transaction", schema_dir)
-        # An Avro boolean is the byte 0 or 1; fastavro reads any other byte as true (Java reads it as false),
-        # so transactions are read with booleans as 1-byte fixeds and checked.
-        self._reader_schema = load_schema("transaction", schema_dir, booleans_as_bytes=True)
-        self._booleans = [f["name"] for f in self.transaction_schema["fields"] if f["type"] == "boolean"]
         self.verdict_schema = load_schema("verdict", schema_dir)
+        for name, schema, layout in (("transaction", self.transaction_schema, TRANSACTION_LAYOUT),
+                                     ("verdict", self.verdict_schema, VERDICT_LAYOUT)):
+            if _layout(schema) != layout:
+                raise ValueError(f"schemas/{name}.avsc no longer matches the layout worker/codec.py is written for")
         self.max_message_bytes = max_message_bytes
+
+    def decode_batch(self, values: Sequence[bytes | None]) -> tuple[TransactionBatch, dict[int, DecodeError]]:
+        """Decode every value; return the decoded ones as columns and a DecodeError for each of the others."""
+        n, limit = len(values), self.max_message_bytes
+        # Values back to back (oversized ones left out), padded so that reads past a short record stay in bounds.
+        sizes = np.fromiter((len(v) if v and len(v) <= limit else 0 for v in values), dtype=np.int64, count=n)
+        buf = np.frombuffer(b"".join(v for v in values if v and len(v) <= limit) + bytes(_PAD), dtype=np.uint8)
+        ends = np.cumsum(sizes)
+        starts = ends - sizes
+        ok = sizes > 0
+        # The common case, vectorised: both ids shorter than 64 bytes (one-byte zig-zag lengths).
+        a = buf[starts].astype(np.int64)
+        card = starts + 1 + (a >> 1)
+        b = buf[np.minimum(card, len(buf) - 1)].astype(np.int64)
+        id_end = card + 1 + (b >> 1)
+        ok &= ((a & 0x81) == 0) & ((b & 0x81) == 0) & (id_end + 8 + 1 + _TAIL_BYTES <= ends)
+        time_start = np.where(ok, id_end + 8, 0)
+        window = buf[time_start[:, None] + _TEN].astype(np.uint64)
+        more = window >= 0x80
+        length = np.argmin(more, axis=1) + 1
+        ok &= ~more.all(axis=1) & (time_start + length + _TAIL_BYTES == ends) & (length < 10)
+        digits = np.where(_TEN[None, :] < length[:, None], window & 0x7F, 0) << _SHIFTS
+        zigzag = np.bitwise_or.reduce(digits, axis=1)
+        times = ((zigzag >> np.uint64(1)) ^ (np.uint64(0) - (zigzag & np.uint64(1)))).view(np.int64)
+        time_end = time_start + length
+        good = np.flatnonzero(ok)
+        fixed = buf[np.concatenate([id_end[good, None] + _AMOUNT, time_end[good, None] + _TAIL], axis=1)]
+        batch = TransactionBatch(good.tolist(), buf, starts[good], card[good], id_end[good], time_end[good],
+                                 times[good], fixed.reshape(-1).view(_FIXED))
+        errors: dict[int, DecodeError] = {}
+        rest = np.flatnonzero(~ok).tolist()
+        if rest:
+            # Long ids and every kind of damage take the careful path, which also says what is wrong.
+            careful, errors = self._decode_carefully(values, rest)
+            batch = _concat(batch, careful) if len(careful) else batch
+        non_ascii = _non_ascii_ids(batch)
+        if non_ascii or _bad_booleans(batch):
+            batch, errors = _check_ids_and_booleans(batch, errors)
+        return batch, errors
+
+    def _decode_carefully(self, values: Sequence[bytes | None], rows: list[int]) -> tuple[TransactionBatch, dict]:
+        good, errors = [], {}
+        for i in rows:
+            try:
+                good.append(self._read_head(values[i]))
+            except DecodeError as exc:
+                errors[i] = exc
+        if not good:
+            return _empty(), errors
+        kept = [i for i in rows if i not in errors]
+        sub = [values[i] for i in kept]
+        buf = np.frombuffer(b"".join(sub) + bytes(_PAD), dtype=np.uint8)
+        sizes = np.array([len(v) for v in sub], dtype=np.int64)
+        starts = np.cumsum(sizes) - sizes
+        card = starts + np.array([h[0] for h in good])
+        id_end = starts + np.array([h[1] for h in good])
+        time_end = starts + np.array([h[3] for h in good])
+        fixed = buf[np.concatenate([id_end[:, None] + _AMOUNT, time_end[:, None] + _TAIL], axis=1)]
+        return TransactionBatch(kept, buf, starts, card, id_end, time_end, np.array([h[2] for h in good], dtype=np.int64),
+                                fixed.reshape(-1).view(_FIXED)), errors
+
+    def _read_head(self, value: bytes | None) -> tuple[int, int, int, int]:
+        """(card_id start, card_id end, event_time, event_time end) of one record, or a DecodeError."""
+        if not value:
+            raise DecodeError("empty message value")
+        size = len(value)
+        if size > self.max_message_bytes:
+            raise DecodeError(f"message of {size} bytes exceeds max_message_bytes={self.max_message_bytes}")
+        _, card = _read_string(value, 0, "transaction_id")
+        _, id_end = _read_string(value, card, "card_id")
+        if id_end + 8 > size:
+            raise DecodeError("not a Transaction: truncated in amount")
+        et, et_end = _read_long(value, id_end + 8, "event_time")
+        if et_end + _TAIL_BYTES != size:
+            short = et_end + _TAIL_BYTES - size
+            raise DecodeError(f"not a Transaction: {short} bytes missing" if short > 0
+                              else f"{-short} trailing bytes after a Transaction record")
+        return card, id_end, et, et_end
 
     def decode_transaction(self, value: bytes | None) -> Transaction:
         """Decode one message value; raise DecodeError with a reason on any failure."""
-        if not value:
-            raise DecodeError("empty message value")
-        if len(value) > self.max_message_bytes:
-            raise DecodeError(f"message of {len(value)} bytes exceeds max_message_bytes={self.max_message_bytes}")
-        buf = io.BytesIO(value)
-        try:
-            record = fastavro.schemaless_reader(buf, self._reader_schema, None)
-        except Exception as exc:  # fastavro raises EOFError, ValueError, UnicodeDecodeError, IndexError...
-            raise DecodeError(f"not a Transaction: {type(exc).__name__}: {exc}"[:300]) from exc
-        if buf.tell() != len(value):
-            raise DecodeError(f"{len(value) - buf.tell()} trailing bytes after a Transaction record")
-        for name in self._booleans:
-            if record[name] not in (b"\x00", b"\x01"):
-                raise DecodeError(f"{name} holds byte {record[name][0]}, not an Avro boolean (0 or 1)")
-            record[name] = record[name] == b"\x01"
-        return Transaction(**record)
+        batch, errors = self.decode_batch([value])
+        if errors:
+            raise errors[0]
+        return batch.transaction(0)
+
+    def encode_verdicts(self, batch: TransactionBatch, probabilities: np.ndarray, decisions: np.ndarray,
+                        thresholds: tuple[float, float], model: tuple[str, str], scored_at: int) -> list[bytes]:
+        """Encode one verdict per row, copying the input's Avro bytes for the ids and the event time."""
+        review, decline = thresholds
+        middle = _DOUBLE.pack(review) + _DOUBLE.pack(decline) + _string(model[0]) + _string(model[1])
+        # is_fraud (a boolean byte) and the decision (an enum index, zig-zag encoded) for APPROVE, REVIEW, DECLINE.
+        flags = (b"\x00\x00" + middle, b"\x00\x02" + middle, b"\x01\x04" + middle)
+        scored = _long(scored_at)
+        raw = batch.buf.tobytes() if len(batch) else b""
+        pack = _DOUBLE.pack
+        time_starts = (batch.id_ends + 8).tolist()
+        return [raw[s:k] + pack(p) + flags[d] + raw[t:e] + scored
+                for s, k, t, e, p, d in zip(batch.starts.tolist(), batch.id_ends.tolist(), time_starts,
+                                            batch.time_ends.tolist(), probabilities.tolist(), decisions.tolist())]
 
     def encode_transaction(self, txn: Transaction) -> bytes:
         """Encode a Transaction (used by the traffic producer and tests)."""
+        return self.encode_transaction_unchecked(txn)
+
+    @staticmethod
+    def encode_transaction_unchecked(txn: Transaction) -> bytes:
+        """Encode a Transaction with fastavro."""
         buf = io.BytesIO()
-        fastavro.schemaless_writer(buf, self.transaction_schema, _asdict(txn))
+        fastavro.schemaless_writer(buf, _TRANSACTION_WRITER, _asdict(txn))
         return buf.getvalue()
 
     def encode_verdict(self, verdict: Verdict) -> bytes:
-        """Encode a Verdict."""
+        """Encode one Verdict with fastavro (tools and tests; the worker uses encode_verdicts)."""
         buf = io.BytesIO()
         fastavro.schemaless_writer(buf, self.verdict_schema, _asdict(verdict))
         return buf.getvalue()
@@ -85,6 +248,130 @@ class Codec:
         return fastavro.schemaless_reader(io.BytesIO(value), self.verdict_schema, None)
 
 
+def validation_errors(batch: TransactionBatch) -> dict[int, ValidationError]:
+    """A ValidationError per batch position whose values cannot be scored, checked column by column."""
+    errors: dict[int, ValidationError] = {}
+    # Ids are checked by their encoded length (one prefix byte for lengths up to 63; see _read_string).
+    spans = (("transaction_id", batch.starts, batch.card_starts), ("card_id", batch.card_starts, batch.id_ends))
+    for name, lo, hi in spans:
+        prefix = np.where(batch.buf[lo] < 0x80, 1, 2)
+        size = hi - lo - prefix
+        for pos in np.flatnonzero((size < 1) | (size > _MAX_ID_BYTES)):
+            errors.setdefault(int(pos), ValidationError(f"{name} must hold 1..{_MAX_ID_BYTES} bytes"))
+    for name in _DOUBLES:
+        values = batch.fixed[name]
+        for pos in np.flatnonzero(~np.isfinite(values)):
+            errors.setdefault(int(pos), ValidationError(f"{name} is not finite: {float(values[pos])!r}"))
+        for pos in np.flatnonzero(values < 0):
+            errors.setdefault(int(pos), ValidationError(f"{name} is negative: {float(values[pos])!r}"))
+    times = batch.event_times
+    for pos in np.flatnonzero((times < _MIN_EVENT_MS) | (times >= _MAX_EVENT_MS)):
+        errors.setdefault(int(pos), ValidationError(f"event_time {int(times[pos])} is outside 2000..2100"))
+    return errors
+
+
+def validate(txn: Transaction) -> None:
+    """Raise ValidationError if the transaction holds values that cannot be scored."""
+    errors = validation_errors(TransactionBatch.of([txn]))
+    if errors:
+        raise errors[0]
+
+
+def _read_long(buf: bytes, pos: int, name: str) -> tuple[int, int]:
+    """A zig-zag varint at pos; at most 10 bytes, as Avro allows."""
+    acc = shift = 0
+    for end in range(pos, min(pos + 10, len(buf))):
+        b = buf[end]
+        acc |= (b & 0x7F) << shift
+        if b < 0x80:
+            if acc >> 64:
+                raise DecodeError(f"not a Transaction: {name} does not fit in a 64-bit long")
+            return (acc >> 1) ^ -(acc & 1), end + 1
+        shift += 7
+    if len(buf) - pos >= 10:
+        raise DecodeError(f"not a Transaction: {name} varint longer than 10 bytes")
+    raise DecodeError(f"not a Transaction: truncated in {name}")
+
+
+def _read_string(buf: bytes, pos: int, name: str) -> tuple[str, int]:
+    if pos < len(buf) and buf[pos] < 0x80:  # the common case: a one-byte length
+        n, pos = buf[pos] >> 1 if not buf[pos] & 1 else -((buf[pos] + 1) >> 1), pos + 1
+    else:
+        n, pos = _read_long(buf, pos, name)
+    if n < 0 or pos + n > len(buf):
+        raise DecodeError(f"not a Transaction: {name} declares {n} bytes, {len(buf) - pos} remain")
+    try:
+        return buf[pos:pos + n].decode(), pos + n
+    except UnicodeDecodeError:
+        raise DecodeError(f"not a Transaction: {name} is not UTF-8") from None
+
+
+@functools.cache
+def _plain_codec() -> Codec:
+    return Codec(max_message_bytes=1 << 30)
+
+
+def _empty() -> TransactionBatch:
+    none = np.zeros(0, dtype=np.int64)
+    return TransactionBatch([], np.zeros(_PAD, dtype=np.uint8), none, none, none, none, none, np.zeros(0, dtype=_FIXED))
+
+
+def _concat(a: TransactionBatch, b: TransactionBatch) -> TransactionBatch:
+    """Two batches over different buffers as one, in row order."""
+    buf = np.concatenate([a.buf, b.buf])
+    shift = len(a.buf)
+    order = np.argsort(np.array(a.rows + b.rows), kind="stable")
+    pick = lambda x, y: np.concatenate([x, y])[order]  # noqa: E731
+    return TransactionBatch(np.array(a.rows + b.rows)[order].tolist(), buf, pick(a.starts, b.starts + shift),
+                            pick(a.card_starts, b.card_starts + shift), pick(a.id_ends, b.id_ends + shift),
+                            pick(a.time_ends, b.time_ends + shift), pick(a.event_times, b.event_times),
+                            pick(a.fixed, b.fixed))
+
+
+def _non_ascii_ids(batch: TransactionBatch) -> bool:
+    """Whether any id holds a byte >= 0x80 (then UTF-8 must be checked row by row)."""
+    if not len(batch):
+        return False
+    bounds = np.stack([batch.starts, batch.id_ends], axis=1).reshape(-1)
+    return bool((np.maximum.reduceat(batch.buf, bounds)[::2] >= 0x80).any())
+
+
+def _bad_booleans(batch: TransactionBatch) -> bool:
+    return any(bool((batch.fixed[name] > 1).any()) for name in _BOOLEANS)
+
+
+def _check_ids_and_booleans(batch: TransactionBatch, errors: dict[int, DecodeError]):
+    """Drop rows whose ids are not UTF-8 or whose booleans are not the byte 0 or 1."""
+    keep = []
+    for pos in range(len(batch)):
+        try:
+            batch.ids(pos)
+            bad = [n for n in _BOOLEANS if batch.fixed[n][pos] > 1]
+            if bad:
+                # An Avro boolean is the byte 0 or 1; any other byte means these are not our records.
+                raise DecodeError(f"{bad[0]} holds byte {batch.fixed[bad[0]][pos]}, not an Avro boolean (0 or 1)")
+            keep.append(pos)
+        except DecodeError as exc:
+            errors[batch.rows[pos]] = exc
+    return batch.take(keep), errors
+
+
+def _long(value: int) -> bytes:
+    """Avro's zig-zag varint encoding of a long."""
+    n = (value << 1) ^ (value >> 63)
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _string(value: str) -> bytes:
+    data = value.encode()
+    return _long(len(data)) + data
+
+
 def _asdict(record) -> dict:
     out = {name: getattr(record, name) for name in record.__slots__}
     if "decision" in out:
@@ -92,17 +379,6 @@ def _asdict(record) -> dict:
     return out
 
 
-def validate(txn: Transaction) -> None:
-    """Raise ValidationError if the transaction holds values that cannot be scored."""
-    for name in ("transaction_id", "card_id"):
-        value = getattr(txn, name)
-        if not value or len(value) > _MAX_ID_CHARS:
-            raise ValidationError(f"{name} must hold 1..{_MAX_ID_CHARS} characters")
-    for name in _DOUBLES:
-        value = getattr(txn, name)
-        if not math.isfinite(value):
-            raise ValidationError(f"{name} is not finite: {value!r}")
-        if value < 0:
-            raise ValidationError(f"{name} is negative: {value!r}")
-    if not _MIN_EVENT_MS <= txn.event_time < _MAX_EVENT_MS:
-        raise ValidationError(f"event_time {txn.event_time} is outside 2000..2100")
+def decision_of(code: int) -> Decision:
+    """The Decision for a decision code 0, 1, 2."""
+    return _DECISION_CODES[code]

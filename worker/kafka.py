@@ -104,13 +104,21 @@ def create_topics(conf: dict, partitions: dict[str, int], replication: int = 1, 
     return created
 
 
-def describe_topics(conf: dict, topics: Iterable[str], timeout: float) -> dict[str, int]:
-    """Partition count per existing topic; raise KafkaFatal if the broker cannot be reached."""
-    try:
-        md = admin(conf).list_topics(timeout=timeout)
-    except KafkaException as exc:
-        raise KafkaFatal(f"cannot reach Kafka at {conf['bootstrap.servers']} within {timeout:g}s: {exc.args[0].str()}") from None
-    return {t: len(md.topics[t].partitions) for t in topics if t in md.topics and md.topics[t].error is None}
+def describe_topics(conf: dict, topics: Iterable[str], timeout: float,
+                    stop_early: Callable[[], bool] = lambda: False) -> dict[str, int]:
+    """Partition count per existing topic; raise KafkaFatal if the broker cannot be reached in time."""
+    client = admin(conf)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            md = client.list_topics(timeout=min(1.0, max(0.1, deadline - time.monotonic())))
+            return {t: len(md.topics[t].partitions) for t in topics if t in md.topics and md.topics[t].error is None}
+        except KafkaException as exc:
+            client.poll(0)  # serves error_cb, which is where an authentication failure is reported
+            if stop_early() or time.monotonic() >= deadline:
+                raise KafkaFatal(
+                    f"cannot reach Kafka at {conf['bootstrap.servers']} within {timeout:g}s: {exc.args[0].str()}"
+                ) from None
 
 
 class KafkaIO:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -108,11 +108,16 @@ class Manifest(BaseModel):
         return blob
 
     def feature_matrix(self, txns: Sequence[Transaction]) -> np.ndarray:
-        """Build the float32 input matrix: booleans as 0/1, standardised in float64, then cast."""
-        n = len(txns)
+        """The float32 input matrix for typed transactions."""
+        return self.matrix(
+            lambda name: np.fromiter((getattr(t, name) for t in txns), dtype=np.float64, count=len(txns)), len(txns)
+        )
+
+    def matrix(self, column: Callable[[str], np.ndarray], n: int) -> np.ndarray:
+        """Build the float32 input matrix from columns: booleans as 0/1, standardised in float64, then cast."""
         x = np.empty((n, len(self.features)), dtype=np.float64)
         for j, feat in enumerate(self.features):
-            x[:, j] = np.fromiter((getattr(t, feat.source) for t in txns), dtype=np.float64, count=n)
+            x[:, j] = column(feat.source)
         x -= self._means
         x /= self._scales
         return x.astype(np.float32)

@@ -7,7 +7,9 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.core import HistogramMetricFamily
 
 _LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
@@ -23,8 +25,8 @@ class Metrics:
         self.dead_letters = Counter("fraud_worker_dead_letters", "Dead letters acknowledged by the broker.", ["stage"], registry=r)
         self.batch_size = Histogram("fraud_worker_batch_size", "Messages per scored batch.", buckets=_BATCH_BUCKETS, registry=r)
         self.inference = Histogram("fraud_worker_batch_seconds", "Time to decode, score and encode one batch.", registry=r)
-        self.end_to_end = Histogram(
-            "fraud_worker_end_to_end_seconds", "Event time to verdict acknowledged.", buckets=_LATENCY_BUCKETS, registry=r
+        self.end_to_end = BulkHistogram(
+            "fraud_worker_end_to_end_seconds", "Event time to verdict acknowledged.", _LATENCY_BUCKETS, registry=r
         )
         self.lag = Gauge("fraud_worker_consumer_lag", "Messages behind the end of each assigned partition.", ["topic", "partition"], registry=r)
         self.commits = Counter("fraud_worker_commits", "Offset commits sent.", registry=r)
@@ -35,13 +37,49 @@ class Metrics:
         self._verdict_count = 0
         self._fraud_count = 0
 
-    def verdict_acked(self, decision: str, is_fraud: bool, event_time_ms: int, now: float) -> None:
-        """Count one acknowledged verdict."""
-        self.verdicts.labels(decision).inc()
-        self._verdict_count += 1
-        self._fraud_count += is_fraud
-        self.fraud_rate.set(self._fraud_count / self._verdict_count)
-        self.end_to_end.observe(max(0.0, now - event_time_ms / 1000.0))
+    def batch_acked(self, outcome, refused: set[int], dead_letter_stages: list[str], now: float) -> None:
+        """Count a batch whose every output the broker acknowledged (`refused` verdicts became dead letters)."""
+        decisions = outcome.decisions
+        keep = np.ones(len(outcome.scored), dtype=bool)
+        keep[list(refused)] = False
+        if len(outcome.scored):
+            counts = np.bincount(decisions[keep], minlength=3)
+            for code, name in enumerate(("APPROVE", "REVIEW", "DECLINE")):
+                if counts[code]:
+                    self.verdicts.labels(name).inc(int(counts[code]))
+            self._verdict_count += int(counts.sum())
+            self._fraud_count += int(counts[2])
+            self.end_to_end.observe_many(np.maximum(0.0, now - outcome.event_times[keep] / 1000.0))
+            if self._verdict_count:
+                self.fraud_rate.set(self._fraud_count / self._verdict_count)
+        for stage in dead_letter_stages:
+            self.dead_letters.labels(stage).inc()
+
+
+class BulkHistogram:
+    """A Prometheus histogram fed a batch of observations at once (prometheus-client observes one at a time)."""
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...], registry: CollectorRegistry):
+        self.name, self.documentation = name, documentation
+        self._bounds = np.array(buckets, dtype=np.float64)
+        self._counts = np.zeros(len(buckets) + 1, dtype=np.int64)
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe_many(self, values: np.ndarray) -> None:
+        """Add observations; a value lands in the first bucket whose bound is >= it."""
+        idx = np.searchsorted(self._bounds, values, side="left")
+        with self._lock:
+            self._counts += np.bincount(idx, minlength=len(self._counts))
+            self._sum += float(np.sum(values))
+
+    def collect(self):
+        """Export cumulative buckets, _count and _sum."""
+        with self._lock:
+            cumulative, total = np.cumsum(self._counts).tolist(), self._sum
+        buckets = [(repr(float(b)), c) for b, c in zip(self._bounds.tolist(), cumulative)] + [("+Inf", cumulative[-1])]
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=total)
 
 
 class Health:

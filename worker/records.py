@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 Headers = list[tuple[str, bytes | None]]
 
@@ -118,10 +119,19 @@ class DeadLetter:
 
 @dataclass(slots=True)
 class BatchOutcome:
-    """What scoring one batch produced: (message, verdict) pairs and dead letters."""
+    """What scoring one batch produced: encoded verdicts for the scored messages, and dead letters."""
 
-    verdicts: list[tuple[Message, Verdict]] = field(default_factory=list)
+    scored: list[Message] = field(default_factory=list)
+    encoded: list[bytes] = field(default_factory=list)
+    decisions: Any = None  # numpy array of decision codes 0/1/2, one per scored message
+    event_times: Any = None  # numpy array of event times (epoch ms), one per scored message
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    typed: Callable[[], list[Verdict]] = list
+
+    @property
+    def verdicts(self) -> list[tuple[Message, Verdict]]:
+        """(message, Verdict) pairs, built on demand: the worker's hot path only needs `encoded`."""
+        return list(zip(self.scored, self.typed()))
 
 
 def dead_letter_headers(dl: DeadLetter, group_id: str, worker_id: str, failed_at_ms: int) -> Headers:

@@ -1,4 +1,4 @@
-"""Pure scoring of one batch: decode, validate, one model call, decide. Bad records become dead letters."""
+"""Pure scoring of one batch: decode, validate, one model call, decide, encode. Bad records become dead letters."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .codec import Codec, DecodeError, ValidationError, validate
+from .codec import Codec, TransactionBatch, decision_of, validation_errors
 from .manifest import Manifest
 from .records import BatchOutcome, DeadLetter, Decision, Message, Stage, Transaction, Verdict
 
@@ -23,44 +23,38 @@ class Scorer(Protocol):
 def score_batch(messages: Sequence[Message], scorer: Scorer, codec: Codec, now_ms: int) -> BatchOutcome:
     """Score a batch with one model call; every message ends as exactly one verdict or one dead letter."""
     outcome = BatchOutcome()
-    good: list[Message] = []
-    txns: list[Transaction] = []
-    for msg in messages:
-        try:
-            txn = codec.decode_transaction(msg.value())
-            validate(txn)
-        except DecodeError as exc:
-            outcome.dead_letters.append(DeadLetter(msg, Stage.DESERIALIZE, type(exc).__name__, str(exc)))
-            continue
-        except ValidationError as exc:
-            outcome.dead_letters.append(DeadLetter(msg, Stage.VALIDATE, type(exc).__name__, str(exc)))
-            continue
-        good.append(msg)
-        txns.append(txn)
-    if not txns:
+    batch, decode_errors = codec.decode_batch([m.value() for m in messages])
+    for i, exc in decode_errors.items():
+        outcome.dead_letters.append(DeadLetter(messages[i], Stage.DESERIALIZE, type(exc).__name__, str(exc)))
+    invalid = validation_errors(batch)
+    for pos, exc in invalid.items():
+        outcome.dead_letters.append(DeadLetter(messages[batch.rows[pos]], Stage.VALIDATE, type(exc).__name__, str(exc)))
+    if invalid:
+        batch = batch.take([pos for pos in range(len(batch)) if pos not in invalid])
+    if not len(batch):
         return outcome
-    manifest = scorer.manifest
-    for msg, txn, prob in zip(good, txns, _predict(scorer, txns)):
-        if isinstance(prob, Exception):
-            outcome.dead_letters.append(DeadLetter(msg, Stage.SCORE, type(prob).__name__, _first_line(prob)))
-        elif not 0.0 <= prob <= 1.0:
-            outcome.dead_letters.append(
-                DeadLetter(msg, Stage.SCORE, "InvalidProbability", f"model returned {prob!r}, not a probability")
-            )
-        else:
-            outcome.verdicts.append((msg, decide(txn, prob, manifest, now_ms)))
+    probs, failures = _predict(scorer, batch)
+    for pos, (error_class, message) in failures.items():
+        outcome.dead_letters.append(DeadLetter(messages[batch.rows[pos]], Stage.SCORE, error_class, message))
+    if failures:
+        keep = [pos for pos in range(len(batch)) if pos not in failures]
+        batch, probs = batch.take(keep), probs[keep]
+    t = scorer.manifest.thresholds
+    decisions = np.where(probs > t.decline, 2, np.where(probs > t.review, 1, 0))
+    outcome.scored = [messages[i] for i in batch.rows]
+    outcome.encoded = codec.encode_verdicts(batch, probs, decisions, (t.review, t.decline),
+                                            (scorer.manifest.name, scorer.manifest.version), now_ms)
+    outcome.decisions = decisions
+    outcome.event_times = batch.event_times
+    outcome.typed = lambda: [decide(batch.transaction(i), float(p), scorer.manifest, now_ms)
+                             for i, p in enumerate(probs.tolist())]
     return outcome
 
 
 def decide(txn: Transaction, probability: float, manifest: Manifest, now_ms: int) -> Verdict:
     """Turn a probability into a verdict with the manifest's thresholds (strictly greater than)."""
     t = manifest.thresholds
-    if probability > t.decline:
-        decision = Decision.DECLINE
-    elif probability > t.review:
-        decision = Decision.REVIEW
-    else:
-        decision = Decision.APPROVE
+    decision = decision_of(2 if probability > t.decline else 1 if probability > t.review else 0)
     return Verdict(
         transaction_id=txn.transaction_id,
         card_id=txn.card_id,
@@ -76,29 +70,37 @@ def decide(txn: Transaction, probability: float, manifest: Manifest, now_ms: int
     )
 
 
-def _predict(scorer: Scorer, txns: list[Transaction]) -> list[float | Exception]:
+def _predict(scorer: Scorer, batch: TransactionBatch) -> tuple[np.ndarray, dict[int, tuple[str, str]]]:
     """One model call for the batch; if it fails, score row by row so one bad row cannot sink the rest."""
     try:
-        probs = np.asarray(scorer.predict(scorer.manifest.feature_matrix(txns)), dtype=np.float64)
-        if probs.shape == (len(txns),):  # anything else would pair probabilities with the wrong rows, or drop rows
-            return probs.tolist()
+        probs = _checked(scorer, batch)
     except Exception:
-        pass
-    results: list[float | Exception] = []
-    for txn in txns:
-        try:
-            prob = np.asarray(scorer.predict(scorer.manifest.feature_matrix([txn])), dtype=np.float64)
-            if prob.shape != (1,):
-                raise ValueError(f"model returned shape {prob.shape} for one row, expected (1,)")
-            results.append(float(prob[0]))
-        except Exception as exc:
-            results.append(exc)
-    return results
+        probs = None
+    if probs is None:
+        probs = np.zeros(len(batch))
+        failures: dict[int, tuple[str, str]] = {}
+        for pos in range(len(batch)):
+            try:
+                one = _checked(scorer, batch.take([pos]))
+                if one is None:
+                    raise ValueError("model returned the wrong number of probabilities for one row")
+                probs[pos] = one[0]
+            except Exception as exc:
+                failures[pos] = (type(exc).__name__, _first_line(exc))
+    else:
+        failures = {}
+    for pos in np.flatnonzero(~((probs >= 0.0) & (probs <= 1.0))):
+        if int(pos) not in failures:
+            failures[int(pos)] = ("InvalidProbability", f"model returned {float(probs[pos])!r}, not a probability")
+    return probs, failures
+
+
+def _checked(scorer: Scorer, batch: TransactionBatch) -> np.ndarray | None:
+    """The model's probabilities, or None when their shape would pair them with the wrong rows."""
+    probs = np.asarray(scorer.predict(scorer.manifest.matrix(batch.column, len(batch))), dtype=np.float64)
+    return probs if probs.shape == (len(batch),) else None
 
 
 def _first_line(exc: Exception) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0][:300] if lines else type(exc).__name__
-
-
-__all__ = ["Scorer", "decide", "score_batch"]

@@ -45,21 +45,22 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(30.0, gt=0, description="Time to flush outputs and commit on stop.")
     startup_timeout_s: float = Field(15.0, gt=0, description="Time to reach the broker at start-up.")
 
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    ssl_ca_location: str | None = None
-    ssl_certificate_location: str | None = None
-    ssl_key_location: str | None = None
-    ssl_key_password: SecretStr | None = None
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Kafka security protocol.")
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(None, description="SASL mechanism.")
+    sasl_username: str | None = Field(None, description="SASL user name.")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (secret: never logged).")
+    ssl_ca_location: str | None = Field(None, description="CA bundle that signs the brokers' certificates.")
+    ssl_certificate_location: str | None = Field(None, description="Client certificate (mutual TLS).")
+    ssl_key_location: str | None = Field(None, description="Client private key (mutual TLS).")
+    ssl_key_password: SecretStr | None = Field(None, description="Password of the client key (secret).")
     consumer_config: dict[str, str] = Field(default_factory=dict, description="Extra librdkafka consumer settings (JSON).")
     producer_config: dict[str, str] = Field(default_factory=dict, description="Extra librdkafka producer settings (JSON).")
 
     metrics_host: str = Field("127.0.0.1", description="Address of the metrics and health server.")
     metrics_port: int = Field(9108, ge=0, le=65535, description="Port of the metrics and health server; 0 disables it.")
     health_timeout_s: float = Field(60.0, gt=0, description="/healthz fails when the loop has not turned for this long.")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Least level logged.")
 
     @field_validator("consumer_config", "producer_config")
     @classmethod
