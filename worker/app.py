@@ -24,15 +24,36 @@ _POLL_BLOCK_S = 0.5
 
 
 class _Ticket:
-    """One batch's outputs awaiting acknowledgement; its metrics are recorded when the last one is acknowledged."""
+    """One batch's outputs awaiting acknowledgement; when the last arrives, its slices are acknowledged at once."""
 
-    __slots__ = ("outcome", "outstanding", "refused", "dead_letter_stages")
+    __slots__ = ("worker", "outcome", "slices", "outstanding", "refused", "dead_letter_stages", "_index")
 
-    def __init__(self, outcome: BatchOutcome):
-        self.outcome = outcome
+    def __init__(self, worker: Worker, outcome: BatchOutcome, slices: list[Slice]):
+        self.worker, self.outcome, self.slices = worker, outcome, slices
         self.outstanding = len(outcome.scored) + len(outcome.dead_letters)
         self.refused: set[int] = set()
         self.dead_letter_stages: list[str] = []
+        self._index: dict[bytes, list[int]] | None = None
+
+    def verdict_delivered(self, err: KafkaError | None, produced) -> None:
+        """librdkafka's delivery report for one verdict (one bound method per batch, no per-message closure)."""
+        if err is None:
+            self.acked()
+        else:
+            self.worker._verdict_refused(self, self._position(produced.value()), err)
+
+    def acked(self) -> None:
+        """One output of the batch was acknowledged."""
+        self.outstanding -= 1
+        if self.outstanding == 0:
+            self.worker._batch_acked(self)
+
+    def _position(self, value: bytes) -> int:
+        if self._index is None:
+            self._index = {}
+            for i, v in enumerate(self.outcome.encoded):
+                self._index.setdefault(v, []).append(i)
+        return self._index[value].pop()
 
 
 class StartupError(RuntimeError):
@@ -59,7 +80,7 @@ class Worker:
         self.health = health or Health(settings.health_timeout_s)
         self.tracker = OffsetTracker()
         self.fatal: str | None = None
-        self._redo: list[tuple[Slice, _Ticket, DeadLetter, bool]] = []
+        self._redo: list[tuple[_Ticket, DeadLetter, bool]] = []
         self._auth_error: str | None = None
         self._assigned: set[TP] = set()
         self._revocations = 0
@@ -144,18 +165,15 @@ class Worker:
     def _process(self, msgs: list[Message]) -> float:
         t0 = time.perf_counter()
         outcome = score_batch(msgs, self.scorer, self.codec, int(time.time() * 1000))
-        spans: dict[TP, list[int]] = {}
+        last: dict[int, int] = {}
         for m in msgs:
-            span = spans.setdefault((m.topic(), m.partition()), [0, 0])
-            span[0] = m.offset()
-            span[1] += 1
-        slices = {tp: self.tracker.open(tp, last, n) for tp, (last, n) in spans.items()}
-        ticket = _Ticket(outcome)
-        topic, produce, delivered = self.settings.verdict_topic, self.kafka.produce, self._verdict_delivered
-        for i, (msg, value) in enumerate(zip(outcome.scored, outcome.encoded)):
-            produce(topic, msg.key(), value, partial(delivered, slices[(msg.topic(), msg.partition())], ticket, i))
+            last[m.partition()] = m.offset()
+        topic = self.settings.input_topic
+        ticket = _Ticket(self, outcome, [self.tracker.open((topic, p), offset, 1) for p, offset in last.items()])
+        self.kafka.produce_all(self.settings.verdict_topic, [m.key() for m in outcome.scored], outcome.encoded,
+                               ticket.verdict_delivered)
         for dl in outcome.dead_letters:
-            self._produce_dead_letter(slices[(dl.message.topic(), dl.message.partition())], ticket, dl)
+            self._produce_dead_letter(ticket, dl)
         seconds = time.perf_counter() - t0
         self.metrics.consumed.inc(len(msgs))
         self.metrics.batch_size.observe(len(msgs))
@@ -164,7 +182,7 @@ class Worker:
                  dead_letters=len(outcome.dead_letters), ms=round(seconds * 1000, 2))
         return seconds
 
-    def _produce_dead_letter(self, s: Slice, ticket: _Ticket, dl: DeadLetter, stripped: bool = False) -> None:
+    def _produce_dead_letter(self, ticket: _Ticket, dl: DeadLetter, stripped: bool = False) -> None:
         msg = dl.message
         now_ms = int(time.time() * 1000)
         headers = dead_letter_headers(dl, self.settings.group_id, self.settings.worker_id, now_ms)
@@ -176,42 +194,38 @@ class Worker:
         ts_type, ts = msg.timestamp()
         self.kafka.produce(
             self.settings.dead_letter_topic, msg.key(), value,
-            partial(self._dead_letter_delivered, s, ticket, dl, stripped), headers=headers,
+            partial(self._dead_letter_delivered, ticket, dl, stripped), headers=headers,
             timestamp=ts if ts_type else 0,
         )
 
-    def _verdict_delivered(self, s: Slice, ticket: _Ticket, i: int, err: KafkaError | None, _produced) -> None:
-        if err is None:
-            self._acked(s, ticket)
-        elif err.code() in RECORD_ERRORS:
+    def _verdict_refused(self, ticket: _Ticket, i: int, err: KafkaError) -> None:
+        msg = ticket.outcome.scored[i]
+        if err.code() in RECORD_ERRORS:
             ticket.refused.add(i)
-            msg = ticket.outcome.scored[i]
-            self._redo.append((s, ticket, DeadLetter(msg, Stage.PRODUCE, "KafkaError", err.str()), False))
+            self._redo.append((ticket, DeadLetter(msg, Stage.PRODUCE, "KafkaError", err.str()), False))
         else:
-            msg = ticket.outcome.scored[i]
             self._fail(f"verdict for {msg.topic()}[{msg.partition()}]@{msg.offset()} not acknowledged: {err.str()}")
 
-    def _dead_letter_delivered(self, s: Slice, ticket: _Ticket, dl: DeadLetter, stripped: bool,
+    def _dead_letter_delivered(self, ticket: _Ticket, dl: DeadLetter, stripped: bool,
                                err: KafkaError | None, _produced) -> None:
         if err is None:
             ticket.dead_letter_stages.append(dl.stage.value)
-            self._acked(s, ticket)
+            ticket.acked()
         elif err.code() in RECORD_ERRORS and not stripped:
-            self._redo.append((s, ticket, dl, True))
+            self._redo.append((ticket, dl, True))
         else:
             m = dl.message
             self._fail(f"dead letter for {m.topic()}[{m.partition()}]@{m.offset()} not acknowledged: {err.str()}")
 
-    def _acked(self, s: Slice, ticket: _Ticket) -> None:
-        self.tracker.ack(s)
-        ticket.outstanding -= 1
-        if ticket.outstanding == 0:
-            self.metrics.batch_acked(ticket.outcome, ticket.refused, ticket.dead_letter_stages, time.time())
+    def _batch_acked(self, ticket: _Ticket) -> None:
+        for s in ticket.slices:
+            self.tracker.ack(s)
+        self.metrics.batch_acked(ticket.outcome, ticket.refused, ticket.dead_letter_stages, time.time())
 
     def _produce_redo(self) -> None:
         while self._redo and self.fatal is None:
-            s, ticket, dl, stripped = self._redo.pop(0)
-            self._produce_dead_letter(s, ticket, dl, stripped)
+            ticket, dl, stripped = self._redo.pop(0)
+            self._produce_dead_letter(ticket, dl, stripped)
 
     def _drain(self, timeout: float) -> int:
         """Flush until every output is acknowledged (re-producing refused records as dead letters) or time runs out."""

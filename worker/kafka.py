@@ -198,6 +198,17 @@ class KafkaIO:
             except KafkaException as exc:
                 raise KafkaFatal(f"cannot produce to {topic}: {exc.args[0].str()}") from None
 
+    def produce_all(self, topic: str, keys: list[bytes | None], values: list[bytes], on_delivery: Callable) -> None:
+        """Queue many records with one delivery callback; the hot path, so librdkafka is called directly."""
+        produce = self.producer.produce
+        for key, value in zip(keys, values):
+            try:
+                produce(topic, value, key, on_delivery=on_delivery)
+            except BufferError:
+                self.produce(topic, key, value, on_delivery)
+            except KafkaException as exc:
+                raise KafkaFatal(f"cannot produce to {topic}: {exc.args[0].str()}") from None
+
     def serve_deliveries(self, timeout: float = 0) -> None:
         """Run pending delivery callbacks."""
         self.producer.poll(timeout)

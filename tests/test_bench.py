@@ -1,0 +1,24 @@
+"""The benchmark harness (bench/run.py) in smoke mode: it runs end to end; its numbers are read, never asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.kafka
+def test_bench_smoke_measures_every_contender(tmp_path):
+    """`bench/run.py --smoke` drains a small topic with all four contenders, measures latency and writes JSON and PNG."""
+    done = subprocess.run([sys.executable, "bench/run.py", "--smoke", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=170)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["contenders"]) == {"worker", "ceiling", "worker_batch1", "quix_peer"}
+    assert all(c["throughput_tps"] > 0 for c in results["contenders"].values())
+    assert results["latency"] and (tmp_path / "bench.png").stat().st_size > 0
