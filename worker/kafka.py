@@ -273,7 +273,9 @@ def iter_topic(conf: dict, topic: str, idle_s: float) -> Iterator[Record | None]
     last = time.monotonic()
     try:
         while time.monotonic() - last < idle_s:
-            msgs = [m for m in consumer.consume(1000, 0.2) if m.error() is None]
+            # consume(n, timeout) waits for n messages or the timeout: take what is there, else block for one.
+            msgs = consumer.consume(1000, 0) or consumer.consume(1, 0.2)
+            msgs = [m for m in msgs if m.error() is None]
             if not msgs:
                 yield None
             for m in msgs:
