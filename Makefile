@@ -34,7 +34,6 @@ model: setup
 	$(BIN)/python models/train.py
 
 bench: setup
-	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
