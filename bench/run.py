@@ -35,7 +35,7 @@ from confluent_kafka.admin import NewTopic  # noqa: E402
 
 from worker import traffic  # noqa: E402
 from worker.codec import Codec  # noqa: E402
-from worker.kafka import QUIET_LOG, admin, committed_offsets, plain_producer  # noqa: E402
+from worker.kafka import QUIET_LOG, admin, committed_offsets, plain_producer, send  # noqa: E402
 from worker.localbroker import CACHE, KAFKA_VERSION, LocalBroker  # noqa: E402
 from worker.replica import Replica  # noqa: E402
 from worker.settings import Settings  # noqa: E402
@@ -184,12 +184,7 @@ def prefill(conf: dict, topic: str, count: int) -> dict:
     now_ms = int(time.time() * 1000)
     for i, txn in enumerate(traffic.generated(count, prefix="bench")):
         value = codec.encode_transaction(traffic.stamp(txn, now_ms))
-        while True:
-            try:
-                producer.produce(topic, value, txn.card_id.encode())
-                break
-            except BufferError:
-                producer.poll(0.05)
+        send(producer, topic, value, txn.card_id.encode())
         if i % 1000 == 0:
             producer.poll(0)
     if producer.flush(120):
@@ -293,12 +288,7 @@ def produce_at_rate(bootstrap: str, topic: str, rate: float, count: int, prefix:
             if ahead > 0:
                 time.sleep(ahead)
             lags.append(max(0.0, -ahead) * 1000)
-        while True:
-            try:
-                producer.produce(topic, value, txn.card_id.encode())
-                break
-            except BufferError:
-                producer.poll(0.05)
+        send(producer, topic, value, txn.card_id.encode())
         producer.poll(0)
     producer.flush(60)
     lags.sort()

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import threading
 import json
 import math
 from collections import Counter
 from pathlib import Path
 
-import fastavro
 import numpy as np
 import pytest
 
@@ -18,6 +16,7 @@ from tests.kafkatools import (
     wait_until,
 )
 from worker import traffic
+from worker.chaos import other_schema_record
 from worker.codec import Codec
 from worker.model import OnnxScorer
 from worker.records import Transaction
@@ -81,14 +80,6 @@ def test_reference_model_through_kafka_matches_expected(settings_for):
     assert dict(counts) == {k: want[k] for k in ("tp", "fp", "fn", "tn")}
 
 
-def _other_schema_record() -> bytes:
-    schema = fastavro.parse_schema({"type": "record", "name": "Refund", "fields": [
-        {"name": "refund_id", "type": "string"}, {"name": "cents", "type": "long"}]})
-    buf = io.BytesIO()
-    fastavro.schemaless_writer(buf, schema, {"refund_id": "r-1", "cents": 1234})
-    return buf.getvalue()
-
-
 def _with(txn: Transaction, **changes) -> bytes:
     fields = {n: getattr(txn, n) for n in Transaction.__slots__} | changes
     return CODEC.encode_transaction(Transaction(**fields))
@@ -103,7 +94,7 @@ def test_poison_pills_are_dead_lettered_with_stage_and_original_bytes(settings_f
         "random-bytes": (bytes(np.random.default_rng(1).integers(0, 256, 64, dtype=np.uint8)), "deserialize"),
         "truncated": (valid[: len(valid) // 2], "deserialize"),
         "empty": (b"", "deserialize"),
-        "other-schema": (_other_schema_record(), "deserialize"),
+        "other-schema": (other_schema_record(), "deserialize"),
         "nan": (_with(good[1], transaction_id="nan", distance_from_home=math.nan), "validate"),
         "inf": (_with(good[2], transaction_id="inf", ratio_to_median_purchase_price=math.inf), "validate"),
     }

@@ -17,7 +17,7 @@ import fastavro
 from . import traffic
 from .codec import Codec, DecodeError
 from .kafka import (
-    committed_offsets, create_topics, end_offsets, plain_producer, read_topic, set_topic_writable,
+    committed_offsets, create_topics, end_offsets, plain_producer, read_topic, send, set_topic_writable,
 )
 from .localbroker import CACHE, LocalBroker
 from .records import Transaction
@@ -27,7 +27,8 @@ from .settings import Settings
 CODEC = Codec()
 
 
-def _other_schema() -> bytes:
+def other_schema_record() -> bytes:
+    """Valid Avro of a record that is not a Transaction."""
     schema = fastavro.parse_schema({"type": "record", "name": "Refund",
                                     "fields": [{"name": "refund_id", "type": "string"}, {"name": "cents", "type": "long"}]})
     buf = io.BytesIO()
@@ -48,7 +49,7 @@ def poison_pills(rng: random.Random, per_kind: int) -> list[tuple[str, bytes, st
         "random-bytes": (lambda: rng.randbytes(rng.randint(1, 300)), "deserialize"),
         "truncated": (lambda: valid[: rng.randint(1, len(valid) - 1)], "deserialize"),
         "empty": (lambda: b"", "deserialize"),
-        "other-schema": (_other_schema, "deserialize"),
+        "other-schema": (other_schema_record, "deserialize"),
         "gigabyte-length": (lambda: b"\xfe\xff\xff\xff\x0f" + rng.randbytes(20), "deserialize"),
         "endless-varint": (lambda: b"\xff" * 200, "deserialize"),
         "oversized": (lambda: valid + rng.randbytes(200_000), "deserialize"),
@@ -149,6 +150,7 @@ class Chaos:
         self.replicas: list[Replica] = []
         self.report = Report(plan={k: str(v) for k, v in asdict(plan).items()})
         self._n = 0
+        self.pills = poison_pills(random.Random(plan.seed), plan.poison_per_kind)
 
     @property
     def conf(self) -> dict:
@@ -193,7 +195,7 @@ class Chaos:
             r.wait_assigned(60)
         sender = threading.Thread(target=self._produce, daemon=True)
         sender.start()
-        duration = (p.transactions + len(self._poison())) / p.rate
+        duration = (p.transactions + len(self.pills)) / p.rate
         for at, kind in p.schedule():
             time.sleep(max(0.0, self._t0 + 5 + at * duration - time.monotonic()))
             getattr(self, f"_{kind}")()
@@ -209,15 +211,10 @@ class Chaos:
         (self.out / "report.json").write_text(json.dumps(asdict(self.report), indent=1, default=str))
         return self.report
 
-    def _poison(self) -> list[tuple[str, bytes, str]]:
-        if not hasattr(self, "_pills"):
-            self._pills = poison_pills(random.Random(self.plan.seed), self.plan.poison_per_kind)
-        return self._pills
-
     def _produce(self) -> None:
         p, s = self.plan, self.settings()
         producer = plain_producer(self.conf, **{"message.timeout.ms": 600_000})
-        pills = self._poison()
+        pills = self.pills
         slots = {self.rng.randrange(p.transactions): pill for pill in pills}
         start, sent = time.monotonic(), 0
         for i, txn in enumerate(traffic.generated(p.transactions, seed=p.seed, prefix=self.run_id)):
@@ -227,12 +224,7 @@ class Chaos:
                 key, value, _ = slots.pop(i)
                 records.append((key.encode(), value, junk_headers(self.rng)))
             for key, value, headers in records:
-                while True:
-                    try:
-                        producer.produce(s.input_topic, value, key, headers=headers)
-                        break
-                    except BufferError:
-                        producer.poll(0.05)
+                send(producer, s.input_topic, value, key, headers=headers)
                 sent += 1
             producer.poll(0)
             ahead = start + sent / p.rate - time.monotonic()
@@ -322,7 +314,7 @@ class Chaos:
 
     def _audit(self) -> None:
         p, s, r = self.plan, self.settings(), self.report
-        pills = {key: stage for key, _, stage in self._poison()}
+        pills = {key: stage for key, _, stage in self.pills}
         expected_ids = {t.transaction_id for t in traffic.generated(p.transactions, seed=p.seed, prefix=self.run_id)}
         verdicts = Counter(CODEC.decode_verdict(rec.value)["transaction_id"] for rec in read_topic(
             self.conf, s.verdict_topic, sum(end_offsets(self.conf, s.verdict_topic).values()), 120))

@@ -106,7 +106,7 @@ class TransactionBatch:
     @classmethod
     def of(cls, txns: Sequence[Transaction]) -> TransactionBatch:
         """Typed transactions as a batch (for the Python API and tests)."""
-        batch, errors = _plain_codec().decode_batch([Codec.encode_transaction_unchecked(t) for t in txns])
+        batch, errors = _plain_codec().decode_batch([Codec.encode_transaction(t) for t in txns])
         assert not errors, errors
         return batch
 
@@ -226,13 +226,9 @@ class Codec:
                 for s, k, t, e, p, d in zip(batch.starts.tolist(), batch.id_ends.tolist(), time_starts,
                                             batch.time_ends.tolist(), probabilities.tolist(), decisions.tolist())]
 
-    def encode_transaction(self, txn: Transaction) -> bytes:
-        """Encode a Transaction (used by the traffic producer and tests)."""
-        return self.encode_transaction_unchecked(txn)
-
     @staticmethod
-    def encode_transaction_unchecked(txn: Transaction) -> bytes:
-        """Encode a Transaction with fastavro."""
+    def encode_transaction(txn: Transaction) -> bytes:
+        """Encode a Transaction with fastavro (used by the traffic producer and tests)."""
         buf = io.BytesIO()
         fastavro.schemaless_writer(buf, _TRANSACTION_WRITER, _asdict(txn))
         return buf.getvalue()
@@ -382,3 +378,8 @@ def _asdict(record) -> dict:
 def decision_of(code: int) -> Decision:
     """The Decision for a decision code 0, 1, 2."""
     return _DECISION_CODES[code]
+
+
+def decision_codes(probabilities: np.ndarray, review: float, decline: float) -> np.ndarray:
+    """Decision codes: 2 (DECLINE) strictly above `decline`, 1 (REVIEW) strictly above `review`, else 0."""
+    return np.where(probabilities > decline, 2, np.where(probabilities > review, 1, 0))

@@ -189,17 +189,12 @@ class KafkaIO:
         headers: Headers | None = None,
         timestamp: int = 0,
     ) -> None:
-        """Queue one record; when librdkafka's queue is full, serve deliveries until there is room."""
-        while True:
-            try:
-                self.producer.produce(topic, value, key, headers=headers, timestamp=timestamp, on_delivery=on_delivery)
-                return
-            except BufferError:
-                self.producer.poll(0.05)
-                if self.failed():
-                    raise KafkaFatal(f"output not acknowledged while producing to {topic}") from None
-            except KafkaException as exc:
-                raise KafkaFatal(f"cannot produce to {topic}: {exc.args[0].str()}") from None
+        """Queue one record; a full queue waits for room, a refused topic is fatal."""
+        try:
+            send(self.producer, topic, value, key, self.failed, headers=headers, timestamp=timestamp,
+                 on_delivery=on_delivery)
+        except KafkaException as exc:
+            raise KafkaFatal(f"cannot produce to {topic}: {exc.args[0].str()}") from None
 
     def produce_all(self, topic: str, keys: list[bytes | None], values: list[bytes], on_delivery: Callable) -> None:
         """Queue many records with one delivery callback; the hot path, so librdkafka is called directly."""
@@ -261,6 +256,19 @@ class Record:
     value: bytes | None
     headers: dict[str, bytes]
     timestamp_ms: int
+
+
+def send(producer: Producer, topic: str, value: bytes | None, key: bytes | None,
+         give_up: Callable[[], bool] = lambda: False, **kwargs) -> None:
+    """Produce one record; while librdkafka's queue is full, serve deliveries until there is room."""
+    while True:
+        try:
+            producer.produce(topic, value, key, **kwargs)
+            return
+        except BufferError:
+            producer.poll(0.05)
+            if give_up():
+                raise KafkaFatal(f"output not acknowledged while producing to {topic}") from None
 
 
 def plain_producer(conf: dict, **extra) -> Producer:

@@ -7,7 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .codec import Codec, TransactionBatch, decision_of, validation_errors
+from .codec import Codec, TransactionBatch, decision_codes, decision_of, validation_errors
 from .manifest import Manifest
 from .records import BatchOutcome, DeadLetter, Decision, Message, Stage, Transaction, Verdict
 
@@ -40,21 +40,26 @@ def score_batch(messages: Sequence[Message], scorer: Scorer, codec: Codec, now_m
         keep = [pos for pos in range(len(batch)) if pos not in failures]
         batch, probs = batch.take(keep), probs[keep]
     t = scorer.manifest.thresholds
-    decisions = np.where(probs > t.decline, 2, np.where(probs > t.review, 1, 0))
+    decisions = decision_codes(probs, t.review, t.decline)
     outcome.scored = [messages[i] for i in batch.rows]
     outcome.encoded = codec.encode_verdicts(batch, probs, decisions, (t.review, t.decline),
                                             (scorer.manifest.name, scorer.manifest.version), now_ms)
     outcome.decisions = decisions
     outcome.event_times = batch.event_times
-    outcome.typed = lambda: [decide(batch.transaction(i), float(p), scorer.manifest, now_ms)
-                             for i, p in enumerate(probs.tolist())]
+    outcome.typed = lambda: [_verdict(batch.transaction(i), float(p), decision_of(d), scorer.manifest, now_ms)
+                             for i, (p, d) in enumerate(zip(probs.tolist(), decisions.tolist()))]
     return outcome
 
 
 def decide(txn: Transaction, probability: float, manifest: Manifest, now_ms: int) -> Verdict:
     """Turn a probability into a verdict with the manifest's thresholds (strictly greater than)."""
     t = manifest.thresholds
-    decision = decision_of(2 if probability > t.decline else 1 if probability > t.review else 0)
+    code = int(decision_codes(np.array([probability]), t.review, t.decline)[0])
+    return _verdict(txn, probability, decision_of(code), manifest, now_ms)
+
+
+def _verdict(txn: Transaction, probability: float, decision: Decision, manifest: Manifest, now_ms: int) -> Verdict:
+    t = manifest.thresholds
     return Verdict(
         transaction_id=txn.transaction_id,
         card_id=txn.card_id,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import synth
 from .codec import Codec
+from .kafka import send
 from .records import Transaction
 
 _BOOLS = ("repeat_retailer", "used_chip", "used_pin_number", "online_order")
@@ -70,12 +71,7 @@ def produce(producer, topic: str, txns: Iterable[Transaction], rate: float = 0.0
             if ahead > 0:
                 time.sleep(ahead)
         value = codec.encode_transaction(stamp(txn, int(time.time() * 1000)))
-        while True:
-            try:
-                producer.produce(topic, value, txn.card_id.encode())
-                break
-            except BufferError:
-                producer.poll(0.05)
+        send(producer, topic, value, txn.card_id.encode())
         producer.poll(0)
         sent += 1
     producer.flush(60)
