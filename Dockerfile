@@ -46,7 +46,7 @@ COPY worker/ ./worker/
 # runs from /app, that both schemas load, and that the baked-in model matches its manifest's sha256.
 RUN python -m compileall -q worker \
  && python -c "import pathlib, worker, worker.codec as c; assert pathlib.Path(worker.__file__).parent == pathlib.Path('/app/worker'), worker.__file__; c.load_schema('transaction'); c.load_schema('verdict')" \
- && fraud-worker check > /dev/null
+ && fraud-worker check --offline > /dev/null
 USER 10001:10001
 EXPOSE 9108
 # No curl in the slim image: urllib raises (exit 1) on a refused connection or on a 503 from /healthz.

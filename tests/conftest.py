@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import uuid
 from pathlib import Path
+from typing import IO
 
 import pytest
 
 from worker.kafka import create_topics
-from worker.localbroker import CACHE, BrokerError, LocalBroker
+from worker.localbroker import BrokerError, LocalBroker, broker_home, checkout_dir, free_ports
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT.parent / "shared" / "reference-model"
-TEST_BROKER_PORT = int(os.environ.get("FRAUD_TEST_BROKER_PORT", "39092"))
+# Unset (the default), the session's local broker listens on ports free at run time; set, on this port.
+TEST_BROKER_PORT = int(os.environ["FRAUD_TEST_BROKER_PORT"]) if os.environ.get("FRAUD_TEST_BROKER_PORT") else None
+# Homes of local brokers on ports chosen at run time; each holds the lock of the session that owns it.
+RUN_BROKERS = checkout_dir() / "var" / "test-brokers"
 HOW_TO_GET_A_BROKER = (
     "No Kafka broker for the tests. Set KAFKA_BOOTSTRAP_SERVERS to a reachable broker, or start Docker so "
-    "testcontainers can run one, or install Java 17+ and Maven so the project starts its own "
-    "(`fraud-worker broker start --port {port}`)."
+    "testcontainers can run one, or install Java 17+ and Maven so the tests start the project's own broker "
+    "(`fraud-worker broker start --port {port}` shows whether it can run)."
 )
+_SESSION: dict[str, LocalBroker] = {}
 
 
 def pytest_addoption(parser):
@@ -58,11 +65,62 @@ def kafka_bootstrap() -> str:
         with KafkaContainer("apache/kafka:4.1.1").with_kraft() as container:
             yield container.get_bootstrap_server()
         return
-    broker = LocalBroker(port=TEST_BROKER_PORT, home=CACHE / f"broker-test-{TEST_BROKER_PORT}")
+    if TEST_BROKER_PORT:
+        broker, owner = LocalBroker(port=TEST_BROKER_PORT, home=broker_home(TEST_BROKER_PORT, "broker-test")), None
+    else:
+        broker, owner = _claim_run_broker()
+    started = False
     try:
-        yield broker.start()
-    except BrokerError as exc:
-        pytest.fail(f"{exc}. {HOW_TO_GET_A_BROKER.format(port=TEST_BROKER_PORT)}", pytrace=False)
+        try:
+            bootstrap = broker.start()
+        except BrokerError as exc:
+            pytest.fail(f"{exc}. {HOW_TO_GET_A_BROKER.format(port=TEST_BROKER_PORT or 9092)}", pytrace=False)
+        started = True
+        _SESSION["broker"] = broker
+        yield bootstrap
+    finally:
+        _SESSION.pop("broker", None)
+        if broker.launched:  # a broker that was already running (FRAUD_TEST_BROKER_PORT) is not this session's
+            broker.stop()
+        if owner is not None:
+            if started:  # after a failed start the home keeps the broker's log; the next session removes it
+                shutil.rmtree(broker.home, ignore_errors=True)
+            owner.close()
+
+
+def _claim_run_broker() -> tuple[LocalBroker, IO]:
+    """A local broker on two ports free now, its home locked by this session; first reaps brokers of dead sessions."""
+    RUN_BROKERS.mkdir(parents=True, exist_ok=True)
+    with open(RUN_BROKERS / ".lock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        for home in RUN_BROKERS.iterdir():
+            if not (home.is_dir() and home.name.isdigit()):
+                continue
+            with open(home / "session.lock", "a") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live session owns it
+                LocalBroker(port=int(home.name), home=home).stop(timeout=10)  # its session died before teardown
+                shutil.rmtree(home, ignore_errors=True)
+        while True:
+            port, controller = free_ports(2)
+            home = RUN_BROKERS / str(port)
+            if not home.exists():
+                break
+        home.mkdir()
+        owner = open(home / "session.lock", "w")
+        fcntl.flock(owner, fcntl.LOCK_EX)  # held until this session ends, however it ends
+    return LocalBroker(port=port, controller_port=controller, home=home), owner
+
+
+@pytest.fixture(scope="session")
+def session_broker(kafka_bootstrap) -> LocalBroker:
+    """The project's local broker that serves this session; fails if KAFKA_BOOTSTRAP_SERVERS or Docker serves it."""
+    if "broker" not in _SESSION:
+        pytest.fail("this test checks the project's local broker; unset KAFKA_BOOTSTRAP_SERVERS and stop Docker "
+                    "to run it", pytrace=False)
+    return _SESSION["broker"]
 
 
 @pytest.fixture

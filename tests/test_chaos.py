@@ -41,7 +41,7 @@ def test_bounded_chaos_kills_broker_restart_and_unwritable_output(tmp_path):
 def test_sigterm_and_rebalance_storm_give_no_duplicates(tmp_path):
     """SIGTERMs and a 1 -> 3 -> 1 rebalance storm while traffic flows lose nothing and duplicate nothing."""
     report = run(Plan(transactions=6_000, rate=400, replicas=1, kills=0, terms=2, broker_restarts=0, storm=True,
-                      port=49192, out=tmp_path))
+                      out=tmp_path))
     _assert_nothing_lost(report)
     assert report.duplicates == 0
     terms = [f for f in report.faults if f["fault"] in ("term", "rebalance_storm")]

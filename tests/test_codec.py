@@ -6,11 +6,13 @@ import io
 import random
 
 import fastavro
+import numpy as np
 import pytest
 
 from tests.fakes import CODEC, make_txn
-from worker.codec import Codec, DecodeError, ValidationError, validate
-from worker.records import Decision, Verdict
+from tests.test_codec_fastpath import encode_padded, fastavro_exact, varint
+from worker.codec import Codec, DecodeError, ValidationError, validate, validation_errors
+from worker.records import Decision, Transaction, Verdict
 
 MIN_EVENT_MS, MAX_EVENT_MS = 946_684_800_000, 4_102_444_800_000  # 2000-01-01 and 2100-01-01 UTC
 DOUBLES = ["amount", "distance_from_home", "distance_from_last_transaction", "ratio_to_median_purchase_price"]
@@ -122,3 +124,82 @@ def test_validate_rejects_event_time_outside_2000_2100(event_time):
     """validate rejects event times before 2000 or from 2100 on."""
     with pytest.raises(ValidationError, match="event_time"):
         validate(make_txn(event_time=event_time))
+
+
+@pytest.mark.parametrize("field", ["transaction_id", "card_id"])
+def test_empty_id_with_padded_length_is_validation_error(field):
+    """An empty id whose length is written `80 80 00` decodes as fastavro reads it, "", and then fails validation."""
+    value = encode_padded(make_txn(**{field: ""}), [(2, None) if f == field else (0, None) for f in
+                                                    ("transaction_id", "card_id", "event_time")])
+    assert b"\x80\x80\x00" in value and fastavro_exact(value)[field] == ""
+    batch, errors = CODEC.decode_batch([value])
+    assert not errors and getattr(batch.transaction(0), field) == ""
+    invalid = validation_errors(batch)
+    assert list(invalid) == [0] and isinstance(invalid[0], ValidationError) and field in str(invalid[0])
+
+
+@pytest.mark.parametrize("field", ["transaction_id", "card_id"])
+@pytest.mark.parametrize("size", [1, 63, 64, 128, 129, 8192])
+@pytest.mark.parametrize("extra", [0, 1, 12])
+def test_ids_validate_by_decoded_length_however_it_is_written(field, size, extra):
+    """An id passes validation exactly when it holds 1..128 bytes, whatever the form of its length (e.g. 128 as 80 82 00)."""
+    txn = make_txn(**{field: "i" * size})
+    value = encode_padded(txn, [(extra, None) if f == field else (0, None) for f in
+                                ("transaction_id", "card_id", "event_time")])
+    batch, errors = CODEC.decode_batch([value])
+    assert not errors and batch.transaction(0) == txn == Transaction(**fastavro_exact(value))
+    assert bool(validation_errors(batch)) == (size > 128)
+
+
+def test_128_byte_id_with_three_byte_length_is_accepted():
+    """A 128-byte transaction_id whose length is written in three bytes decodes to fastavro's value and validates."""
+    txn = make_txn(transaction_id="t" * 128)
+    value = encode_padded(txn, [(1, None), (0, None), (0, None)])
+    assert value[:3] == b"\x80\x82\x00"
+    batch, errors = CODEC.decode_batch([value])
+    assert not errors and not validation_errors(batch)
+    assert batch.transaction(0) == txn == Transaction(**fastavro_exact(value))
+
+
+@pytest.mark.parametrize("extra", [1, 9, 10, 50, 1000])
+def test_zero_padded_varints_of_any_length_decode_as_fastavro(extra):
+    """Varints followed by any number of zero groups, which fastavro reads without limit, decode to the same values."""
+    txn = make_txn()
+    value = encode_padded(txn, [(extra, None)] * 3)
+    assert CODEC.decode_transaction(value) == txn == Transaction(**fastavro_exact(value))
+
+
+@pytest.mark.parametrize("field", ["transaction_id", "card_id", "event_time"])
+@pytest.mark.parametrize("extra, junk", [(0, 64), (0, 69), (1, 70), (20, 100), (200, 1000)])
+def test_varint_bits_past_63_are_decode_error(field, extra, junk):
+    """A varint with a bit past 63, which fastavro's C reader drops or wraps around silently, is a DecodeError."""
+    fields = ("transaction_id", "card_id", "event_time")
+    value = encode_padded(make_txn(), [(extra, junk) if f == field else (0, None) for f in fields])
+    assert fastavro_exact(value) is None
+    with pytest.raises(DecodeError, match=f"{field} does not fit in a 64-bit long"):
+        CODEC.decode_transaction(value)
+
+
+def test_fastavro_c_reader_accepts_a_varint_with_bits_past_63():
+    """fastavro's C reader reads a transaction_id length of 2**64 as 0 and the record as valid; we reject it."""
+    value = varint(0, junk=64) + VALID[5:]
+    assert value[:10] == b"\x80" * 9 + b"\x02"
+    fo = io.BytesIO(value)
+    assert fastavro.schemaless_reader(fo, CODEC.transaction_schema, None)["transaction_id"] == ""
+    assert fo.tell() == len(value)
+    with pytest.raises(DecodeError, match="transaction_id does not fit in a 64-bit long"):
+        CODEC.decode_transaction(value)
+
+
+def test_verdict_of_padded_input_is_canonical():
+    """The verdict for an input with padded varints is the canonical Avro fastavro writes, with the input's values."""
+    txn = make_txn(transaction_id="t" * 128)
+    value = encode_padded(txn, [(2, None), (1, None), (3, None)])
+    batch, errors = CODEC.decode_batch([value])
+    assert not errors
+    [encoded] = CODEC.encode_verdicts(batch, np.array([0.9]), np.array([2]), (0.5, 0.75), ("m", "1"), 1_790_000_000_000)
+    verdict = Verdict(txn.transaction_id, txn.card_id, 0.9, True, Decision.DECLINE, 0.5, 0.75, "m", "1",
+                      txn.event_time, 1_790_000_000_000)
+    assert encoded == CODEC.encode_verdict(verdict)
+    source, decoded = fastavro_exact(value), CODEC.decode_verdict(encoded)
+    assert all(decoded[k] == source[k] for k in ("transaction_id", "card_id", "event_time"))

@@ -245,7 +245,7 @@ def test_image_layout_finds_schemas_and_model_when_run_from_app(tmp_path):
     assert result.returncode == 0, result.stderr
     paths = json.loads(result.stdout)
     assert paths == {"worker": str(app / "worker"), "schemas": str(app / "schemas"), "manifest": str(app / "models" / "fraud-gbt.json")}
-    check = subprocess.run([sys.executable, "-m", "worker", "check"], cwd=app, env=env, capture_output=True, text=True, timeout=60)
+    check = subprocess.run([sys.executable, "-m", "worker", "check", "--offline"], cwd=app, env=env, capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stderr
     assert json.loads(check.stdout)["model"] == "fraud-gbt"
 

@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.fakes import CODEC, make_txn
-from worker.codec import DecodeError, ValidationError, validate
+from tests.test_codec_fastpath import encode_padded, extras, fastavro_exact
+from worker.codec import DecodeError, ValidationError, validate, validation_errors
 from worker.records import Transaction
 
 MAX_SECONDS = 1.0  # sanity bounds per case, far above the microseconds a decode takes
@@ -73,10 +74,19 @@ def same(a: Transaction, b: Transaction) -> bool:
     )
 
 
+def batch_path(value: bytes) -> Transaction | str:
+    """What score_batch makes of `value`: decode_batch then validation_errors, giving the Transaction or the error's text."""
+    batch, errors = CODEC.decode_batch([value])
+    invalid = errors or validation_errors(batch)
+    return str(invalid[0]) if invalid else batch.transaction(0)
+
+
 @st.composite
-def mutated_records(draw) -> bytes:
-    """A valid encoded Transaction with a few random byte replacements, insertions, deletions or truncations."""
-    data = bytearray(CODEC.encode_transaction(draw(transactions)))
+def mutated_records(draw, padded: bool = False) -> bytes:
+    """A valid encoded Transaction (varints zero-padded if `padded`) with a few random byte edits or truncations."""
+    txn = draw(transactions)
+    data = bytearray(encode_padded(txn, [(draw(extras), None) for _ in range(3)]) if padded
+                     else CODEC.encode_transaction(txn))
     for _ in range(draw(st.integers(1, 4))):
         op = draw(st.sampled_from(["replace", "insert", "delete", "truncate", "append"]))
         at = draw(st.integers(0, max(len(data) - 1, 0)))
@@ -113,6 +123,27 @@ def test_valid_records_round_trip(txn):
 def test_mutated_records(value):
     """Valid records with bytes replaced, inserted, deleted or cut are decoded or rejected, never crash."""
     decode_path(value)
+
+
+@FUZZ
+@given(transactions, st.lists(extras, min_size=3, max_size=3))
+def test_padded_varints_score_as_canonical(txn, padding):
+    """A record whose varints carry extra zero groups is decoded and validated by the batch path as its canonical form."""
+    got, want = batch_path(encode_padded(txn, [(e, None) for e in padding])), batch_path(CODEC.encode_transaction(txn))
+    assert same(got, want) if isinstance(want, Transaction) else got == want
+
+
+@FUZZ
+@given(mutated_records(padded=True))
+def test_mutated_padded_records_agree_with_fastavro(value):
+    """Padded records with bytes replaced, inserted, deleted or cut decode exactly when fastavro reads them, to its values."""
+    expected = fastavro_exact(value)
+    try:
+        txn = CODEC.decode_transaction(value)
+    except DecodeError:
+        assert expected is None
+    else:
+        assert expected is not None and same(txn, Transaction(**expected))
 
 
 @FUZZ

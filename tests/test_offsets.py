@@ -129,6 +129,18 @@ def test_out_of_order_open_raises(last_offset):
         t.open(A, last_offset, 1)
 
 
+def test_went_back_spots_offsets_before_what_was_opened_or_acknowledged():
+    """A batch starting before an open slice's end or before the safe position went back; the next offset did not."""
+    t = OffsetTracker()
+    assert not t.went_back(A, 0)
+    s = t.open(A, 9, 1)
+    assert t.went_back(A, 9) and t.went_back(A, 0) and not t.went_back(A, 10) and not t.went_back(B, 0)
+    t.ack(s)
+    assert t.went_back(A, 3) and not t.went_back(A, 10)
+    t.forget({A})
+    assert not t.went_back(A, 0)
+
+
 @st.composite
 def batches_and_ack_order(draw):
     """Per partition, consecutive slices of 1..5 messages from a random start; plus a random order of all message acks."""

@@ -16,7 +16,7 @@ import pytest
 from tests.kafkatools import WorkerProcess, end_offsets, produce_raw, produce_transactions, read_topic, wait_until
 from worker import traffic
 from worker.kafka import create_topics
-from worker.localbroker import CACHE, BrokerError, LocalBroker
+from worker.localbroker import BrokerError, LocalBroker, free_ports
 
 pytestmark = pytest.mark.kafka
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,15 +87,17 @@ def test_metrics_health_and_logs_from_a_running_worker(settings_for, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def sasl_broker() -> LocalBroker:
+def sasl_broker(tmp_path_factory) -> LocalBroker:
     """A local broker with a SASL_PLAINTEXT SCRAM-SHA-512 listener and one SCRAM user, created at format time."""
-    broker = LocalBroker(port=39492, sasl_port=39494, home=CACHE / "broker-test-sasl-39492",
-                         scram_users={SASL_USER: SASL_PASSWORD})
+    port, controller, sasl_port = free_ports(3)  # chosen at run time, so sessions on one machine never collide
+    broker = LocalBroker(port=port, controller_port=controller, sasl_port=sasl_port,
+                         home=tmp_path_factory.mktemp("broker-sasl"), scram_users={SASL_USER: SASL_PASSWORD})
     try:
         broker.start()
     except BrokerError as exc:
         pytest.fail(f"{exc}. The SASL tests need the project's local broker: install Java 17+ and Maven.", pytrace=False)
-    return broker
+    yield broker
+    broker.stop()
 
 
 def _sasl_settings(settings_for, broker: LocalBroker, password: str, **overrides):

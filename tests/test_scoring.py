@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
 from tests.fakes import CODEC, DECLINE, REVIEW, FakeScorer, make_manifest, make_message, make_txn, txn_message
-from worker.records import DeadLetter, Decision, Stage, dead_letter_headers
+from worker.records import DeadLetter, Decision, Envelope, Stage, adjusted_dead_letter, dead_letter_headers
 from worker.scoring import decide, score_batch
 
 NOW = 1_800_000_000_000
@@ -170,3 +172,45 @@ def test_dead_letter_headers_without_original_headers():
     dl = DeadLetter(make_message(b"junk", offset=0), Stage.DESERIALIZE, "DecodeError", "bad")
     headers = dead_letter_headers(dl, "g", "w", 0)
     assert [k for k, _ in headers][0] == "fraud.errors.stage" and len(headers) == 9
+
+
+class _UnreadableHeaders:
+    """A consumed record whose header names are not UTF-8: confluent_kafka raises when they are read."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def headers(self):
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+
+def test_dead_letter_headers_survive_unreadable_original_headers():
+    """Header names that are not UTF-8 are left out and flagged, instead of stopping the dead letter."""
+    dl = DeadLetter(_UnreadableHeaders(make_message(b"junk")), Stage.DESERIALIZE, "DecodeError", "bad")
+    headers = dict(dead_letter_headers(dl, "g", "w", 0))
+    assert headers["fraud.errors.original.headers.unreadable"] == b"true" and headers["fraud.errors.stage"] == b"deserialize"
+
+
+@pytest.mark.parametrize("key, expected_key, change", [
+    (b"card-1", b"card-1", None),
+    (b"k" * 65, b"sha256:" + hashlib.sha256(b"k" * 65).hexdigest().encode(), "key.digest"),
+    (None, b"transactions/3/41", "key.coordinates"),
+])
+def test_adjusted_dead_letter_keeps_the_reason_and_says_what_changed(key, expected_key, change):
+    """An adjusted dead letter drops value, original headers and timestamp, shortens the key, and lists each change."""
+    msg = Envelope("transactions", 3, 41, key, b"v" * 5000, [("trace", b"t")], 1_600_000_000_000)
+    dl = DeadLetter(msg, Stage.DESERIALIZE, "DecodeError", "x" * 5000)
+    adj = adjusted_dead_letter(dl, "Broker: Message size too large", "g", "w", 7)
+    headers = dict(adj.headers)
+    assert adj.key == expected_key and adj.value is None and adj.timestamp_ms == 0
+    changes = headers["fraud.errors.adjusted"].decode().split(",")
+    assert changes[0] == "value.dropped" and {"headers.dropped", "timestamp.replaced"} <= set(changes)
+    assert (change in changes) if change else not any(c.startswith("key.") for c in changes)
+    assert headers["fraud.errors.original.value.bytes"] == b"5000"
+    assert headers["fraud.errors.original.timestamp"] == b"1600000000000"
+    assert headers["fraud.errors.dead.letter.refused"] == b"Broker: Message size too large"
+    assert headers["fraud.errors.offset"] == b"41" and len(headers["fraud.errors.exception.message"]) == 1000
+    assert "trace" not in headers

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from fnmatch import fnmatchcase
 
 import pytest
 
-from worker.settings import Settings, SettingsError, load_settings
+from worker.settings import GUARDED_KEYS, ROOT, Settings, SettingsError, load_settings
 
 SECRET = "s3cr3t-Zebra-9137"
 
@@ -139,3 +142,141 @@ def test_security_config_includes_sasl(monkeypatch):
 def test_security_config_plaintext_has_no_sasl():
     """With the defaults, security_config() is only the PLAINTEXT protocol."""
     assert Settings().security_config() == {"security.protocol": "PLAINTEXT"}
+
+
+WEAKENING = [  # (setting, key, JSON value): unsafe values of every value-guarded key, in librdkafka's spellings
+    ("consumer_config", "enable.auto.commit", '"true"'),
+    ("consumer_config", "enable.auto.commit", "true"),
+    ("consumer_config", "enable.auto.commit", '"T"'),
+    ("consumer_config", "auto.commit.enable", '"1"'),
+    ("consumer_config", "topic.enable.auto.commit", '"true"'),
+    ("consumer_config", "enable.auto.offset.store", '"TRUE"'),
+    ("consumer_config", "auto.offset.reset", '"latest"'),
+    ("consumer_config", "auto.offset.reset", '"largest"'),
+    ("consumer_config", "auto.offset.reset", '"END"'),
+    ("consumer_config", "auto.offset.reset", '"error"'),
+    ("consumer_config", "auto.offset.reset", '"none"'),
+    ("consumer_config", "topic.auto.offset.reset", '"latest"'),
+    ("producer_config", "acks", '"1"'),
+    ("producer_config", "acks", "0"),
+    ("producer_config", "request.required.acks", '"1"'),
+    ("producer_config", "topic.acks", '"0"'),
+    ("producer_config", "enable.idempotence", '"false"'),
+    ("producer_config", "enable.idempotence", "false"),
+    ("producer_config", "enable.idempotence", '"0"'),
+]
+OWNED = [  # (key, the FRAUD_ setting the error points to, or None when there is none)
+    ("bootstrap.servers", "FRAUD_BOOTSTRAP_SERVERS"),
+    ("metadata.broker.list", "FRAUD_BOOTSTRAP_SERVERS"),
+    ("group.id", "FRAUD_GROUP_ID"),
+    ("client.id", "FRAUD_WORKER_ID"),
+    ("security.protocol", "FRAUD_SECURITY_PROTOCOL"),
+    ("sasl.mechanism", "FRAUD_SASL_MECHANISM"),
+    ("sasl.mechanisms", "FRAUD_SASL_MECHANISM"),
+    ("sasl.username", "FRAUD_SASL_USERNAME"),
+    ("ssl.ca.location", "FRAUD_SSL_CA_LOCATION"),
+    ("ssl.certificate.location", "FRAUD_SSL_CERTIFICATE_LOCATION"),
+    ("ssl.key.location", "FRAUD_SSL_KEY_LOCATION"),
+    ("transactional.id", None),
+    ("on_commit", None),
+    ("on_delivery", None),
+    ("error_cb", None),
+    ("throttle_cb", None),
+    ("stats_cb", None),
+    ("oauth_cb", None),
+    ("logger", None),
+    ("dr_cb", None),
+    ("dr_msg_cb", None),
+]
+# Secret-looking owned keys (sasl.password, ssl.key.password) are refused earlier, by the secret check.
+SECRET_OWNED = ["sasl.password", "ssl.key.password"]
+
+
+def test_every_guarded_key_is_tested():
+    """Each entry of the guard table is exercised by the refusal tests below."""
+    tested = {k.removeprefix("topic.") for _, k, _ in WEAKENING} | {k for k, _ in OWNED} | set(SECRET_OWNED)
+    assert [p for p in GUARDED_KEYS if not any(fnmatchcase(k, p) for k in tested)] == []
+
+
+@pytest.mark.parametrize("name, key, value", WEAKENING)
+def test_pass_through_config_refuses_weakening_values(monkeypatch, name, key, value):
+    """A pass-through value that weakens at-least-once is refused in one line naming the key, the value and why."""
+    message = settings_error(monkeypatch, **{name: f'{{"{key}": {value}}}'})
+    written = value.strip('"')
+    assert f"FRAUD_{name.upper()}: {key}={written} would " in message
+
+
+@pytest.mark.parametrize("key, setting", OWNED)
+@pytest.mark.parametrize("name", ["consumer_config", "producer_config"])
+def test_pass_through_config_refuses_owned_keys(monkeypatch, name, key, setting):
+    """A key the worker sets itself is refused naming the key and the FRAUD_ setting to use, never the value."""
+    message = settings_error(monkeypatch, **{name: f'{{"{key}": "{SECRET}"}}'})
+    assert f"FRAUD_{name.upper()}: {key} " in message
+    assert setting is None or f"use {setting}" in message
+
+
+def test_guarded_key_with_an_unrecognised_value_does_not_echo_it(monkeypatch):
+    """An unsafe value that is not a librdkafka spelling (it might be a secret) is not shown."""
+    message = settings_error(monkeypatch, consumer_config=f'{{"auto.offset.reset": "{SECRET}"}}')
+    assert "auto.offset.reset=<value not shown>" in message
+
+
+@pytest.mark.parametrize(
+    "name, key, value, loaded",
+    [
+        ("consumer_config", "enable.auto.commit", '"false"', "false"),
+        ("consumer_config", "enable.auto.commit", "false", "false"),
+        ("consumer_config", "enable.auto.offset.store", '"F"', "F"),
+        ("consumer_config", "enable.auto.offset.store", "0", "0"),
+        ("consumer_config", "auto.offset.reset", '"earliest"', "earliest"),
+        ("consumer_config", "auto.offset.reset", '"Smallest"', "Smallest"),
+        ("consumer_config", "auto.offset.reset", '"beginning"', "beginning"),
+        ("producer_config", "acks", '"all"', "all"),
+        ("producer_config", "acks", '"ALL"', "ALL"),
+        ("producer_config", "acks", "-1", "-1"),
+        ("producer_config", "request.required.acks", '"-1"', "-1"),
+        ("producer_config", "enable.idempotence", "true", "true"),
+        ("producer_config", "enable.idempotence", '"1"', "1"),
+        ("consumer_config", "ssl.endpoint.identification.algorithm", '"https"', "https"),
+        ("consumer_config", "sasl.kerberos.service.name", '"kafka"', "kafka"),
+    ],
+)
+def test_pass_through_config_accepts_safe_values(monkeypatch, name, key, value, loaded):
+    """A guarded key set to its safe value, in any librdkafka spelling, is accepted."""
+    monkeypatch.setenv(f"FRAUD_{name.upper()}", f'{{"{key}": {value}}}')
+    assert getattr(load_settings(), name) == {key: loaded}
+
+
+def test_pass_through_config_converts_json_numbers_and_booleans(monkeypatch):
+    """JSON numbers and booleans become the strings librdkafka expects."""
+    monkeypatch.setenv("FRAUD_PRODUCER_CONFIG", '{"batch.num.messages": 10, "enable.idempotence": true, '
+                                                '"batch.size": 1e6, "linger.ms": 0.5, "enable.gapless.guarantee": false}')
+    assert load_settings().producer_config == {"batch.num.messages": "10", "enable.idempotence": "true",
+                                               "batch.size": "1000000", "linger.ms": "0.5",
+                                               "enable.gapless.guarantee": "false"}
+
+
+@pytest.mark.parametrize("value, kind", [("null", "null"), ('{"acks": "1"}', "an object"), ('["1"]', "a list"),
+                                         ("NaN", "a non-finite number")])
+def test_pass_through_config_refuses_null_and_nested_values(monkeypatch, value, kind):
+    """A null, object, list or non-finite value is refused naming the key and the kind of value."""
+    message = settings_error(monkeypatch, producer_config=f'{{"default.topic.config": {value}}}')
+    assert f"FRAUD_PRODUCER_CONFIG: default.topic.config must be a string, number or boolean, not {kind}" in message
+
+
+def test_dotenv_typo_is_named_as_written(monkeypatch, tmp_path):
+    """An unknown key in .env is reported under the name written there, without its value."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text(f"FRAUD_BATCH_MAX_SIZ=5\nFRAUD_SASL_PASWORD={SECRET}\n")
+    message = settings_error(monkeypatch)
+    assert "FRAUD_BATCH_MAX_SIZ: unknown setting in .env" in message and "FRAUD_SASL_PASWORD" in message
+    assert "FRAUD_FRAUD_" not in message
+
+
+def test_cli_reports_a_refused_key_in_one_line_and_exits_2(tmp_path):
+    """`fraud-worker check` turns a refused pass-through key into one stderr line and exit status 2."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FRAUD_CONSUMER_CONFIG": '{"enable.auto.commit": "true"}'}
+    run = subprocess.run([sys.executable, "-m", "worker.cli", "check"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert (run.returncode, run.stdout, run.stderr.count("\n")) == (2, "", 1)
+    assert run.stderr.startswith("fraud-worker: invalid configuration: FRAUD_CONSUMER_CONFIG: enable.auto.commit=true ")

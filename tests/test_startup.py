@@ -89,3 +89,68 @@ def test_missing_topic_is_one_clear_line(settings_for):
     done = _run(s.to_env())
     assert done.returncode == 2
     assert "no-such-topic-xyz" in done.stderr and "fraud-worker topics" in done.stderr
+
+
+def _command(command: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FRAUD_")}
+    return subprocess.run([sys.executable, "-m", "worker", command], cwd=ROOT, env={**clean, **env},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _one_line(done: subprocess.CompletedProcess) -> str:
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("fraud-worker: "), done.stderr
+    return lines[0]
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("command", ["run", "check"])
+@pytest.mark.parametrize("config", [
+    ("FRAUD_CONSUMER_CONFIG", '{"enable.auto.commit": "true"}', "enable.auto.commit"),
+    ("FRAUD_CONSUMER_CONFIG", '{"enable.auto.offset.store": true}', "enable.auto.offset.store"),
+    ("FRAUD_CONSUMER_CONFIG", '{"auto.offset.reset": "latest"}', "auto.offset.reset"),
+    ("FRAUD_PRODUCER_CONFIG", '{"acks": 1}', "acks"),
+    ("FRAUD_PRODUCER_CONFIG", '{"enable.idempotence": "false"}', "enable.idempotence"),
+    ("FRAUD_CONSUMER_CONFIG", '{"group.protocol": "consumer"}', "group.protocol"),
+    ("FRAUD_PRODUCER_CONFIG", '{"no.such.key": "1"}', "no.such.key"),
+    ("FRAUD_PRODUCER_CONFIG", '{"linger.ms": "soon"}', "queue.buffering.max.ms"),  # librdkafka's name for it
+], ids=lambda c: c[2])
+def test_guarded_or_invalid_client_setting_is_one_line_and_exit_2(command, config, settings_for):
+    """A setting that weakens at-least-once, or one librdkafka refuses, stops `run` and `check` with one line and exit 2."""
+    variable, value, needle = config
+    s = settings_for(partitions=1)
+    line = _one_line(_command(command, {**s.to_env(), variable: value, "FRAUD_STARTUP_TIMEOUT_S": "5"}))
+    assert needle in line
+    assert committed_offsets(s) == {0: -1001}
+
+
+@pytest.mark.kafka
+def test_check_runs_the_start_up_path(settings_for):
+    """`check` reaches the broker and finds the topics: it passes on a good setup and names a missing topic."""
+    s = settings_for(partitions=1)
+    done = _command("check", s.to_env())
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["topics"] == [s.input_topic, s.verdict_topic, s.dead_letter_topic]
+    line = _one_line(_command("check", {**s.to_env(), "FRAUD_DEAD_LETTER_TOPIC": "absent-dlq-x",
+                                        "FRAUD_STARTUP_TIMEOUT_S": "3"}))
+    assert "absent-dlq-x" in line
+
+
+@pytest.mark.parametrize("servers", ["127.0.0.1:1", "no-such-host.invalid:9092"])
+def test_check_fails_for_an_unreachable_broker(servers):
+    """`check` against a closed port or an unresolvable host fails with one line naming the broker."""
+    line = _one_line(_command("check", {"FRAUD_BOOTSTRAP_SERVERS": servers, "FRAUD_STARTUP_TIMEOUT_S": "3"}))
+    assert "cannot reach Kafka" in line and servers in line
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("protocol", ["SSL", "SASL_SSL", "SASL_PLAINTEXT"])
+def test_check_fails_for_a_wrong_security_protocol(protocol, settings_for):
+    """`check` with a TLS or SASL protocol against a PLAINTEXT listener fails with one line, within the start-up timeout."""
+    s = settings_for(partitions=1)
+    env = {**s.to_env(), "FRAUD_SECURITY_PROTOCOL": protocol, "FRAUD_STARTUP_TIMEOUT_S": "5"}
+    if protocol.startswith("SASL"):
+        env |= {"FRAUD_SASL_MECHANISM": "SCRAM-SHA-512", "FRAUD_SASL_USERNAME": "u", "FRAUD_SASL_PASSWORD": SECRET}
+    done = _command("check", env)
+    line = _one_line(done)
+    assert "Kafka" in line and SECRET not in done.stderr + done.stdout

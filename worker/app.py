@@ -4,43 +4,48 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from enum import IntEnum
 from functools import partial
 
 from confluent_kafka import KafkaError, KafkaException
 
 from .codec import Codec
-from .kafka import RECORD_ERRORS, KafkaFatal, KafkaIO, describe_topics, client_config
-from .logs import get_logger
+from .kafka import (
+    RECORD_ERRORS, ConfigError, Interrupted, KafkaFatal, KafkaIO, Refused, TopicWatch, client_config, describe_topics,
+)
+from .logs import FirstSeen, get_logger
 from .metrics import Health, Metrics
 from .offsets import OffsetTracker, Slice
 from .offsets import TopicPartition as TP
-from .records import BatchOutcome, DeadLetter, Message, Stage, dead_letter_headers
+from .records import BatchOutcome, DeadLetter, Message, Stage, adjusted_dead_letter, dead_letter_headers
 from .scoring import Scorer, score_batch
 from .settings import Settings
 
 log = get_logger("worker")
 _LAG_INTERVAL_S = 5.0
 _POLL_BLOCK_S = 0.5
+# Each client (consumer, producers) reports the same broker error on every reconnect; say it once per window.
+_REPEAT_QUIET_S = 30.0
 
 
 class _Ticket:
     """One batch's outputs awaiting acknowledgement; when the last arrives, its slices are acknowledged at once."""
 
-    __slots__ = ("worker", "outcome", "slices", "outstanding", "refused", "dead_letter_stages", "_index")
+    __slots__ = ("worker", "outcome", "slices", "outstanding", "refused", "dead_letter_stages")
 
     def __init__(self, worker: Worker, outcome: BatchOutcome, slices: list[Slice]):
         self.worker, self.outcome, self.slices = worker, outcome, slices
         self.outstanding = len(outcome.scored) + len(outcome.dead_letters)
         self.refused: set[int] = set()
         self.dead_letter_stages: list[str] = []
-        self._index: dict[bytes, list[int]] | None = None
 
-    def verdict_delivered(self, err: KafkaError | None, produced) -> None:
-        """librdkafka's delivery report for one verdict (one bound method per batch, no per-message closure)."""
+    def verdict_delivered(self, i: int, err: KafkaError | None) -> None:
+        """librdkafka's delivery report for verdict i of the batch (i is its identity, never its bytes)."""
         if err is None:
             self.acked()
         else:
-            self.worker._verdict_refused(self, self._position(produced.value()), err)
+            self.worker._verdict_refused(self, i, err, alone=False)
 
     def acked(self) -> None:
         """One output of the batch was acknowledged."""
@@ -48,12 +53,13 @@ class _Ticket:
         if self.outstanding == 0:
             self.worker._batch_acked(self)
 
-    def _position(self, value: bytes) -> int:
-        if self._index is None:
-            self._index = {}
-            for i, v in enumerate(self.outcome.encoded):
-                self._index.setdefault(v, []).append(i)
-        return self._index[value].pop()
+
+class _Step(IntEnum):
+    """How a dead letter is sent: in a batch, then alone, then adjusted to what any topic accepts."""
+
+    BATCHED = 0
+    ALONE = 1
+    ADJUSTED = 2
 
 
 class StartupError(RuntimeError):
@@ -80,14 +86,35 @@ class Worker:
         self.health = health or Health(settings.health_timeout_s)
         self.tracker = OffsetTracker()
         self.fatal: str | None = None
-        self._redo: list[tuple[_Ticket, DeadLetter, bool]] = []
+        self._redo: list[Callable[[], None]] = []
         self._auth_error: str | None = None
+        self._errors = FirstSeen(_REPEAT_QUIET_S)
+        self._down_since = 0.0
         self._assigned: set[TP] = set()
         self._revocations = 0
+        self._stop_deadline: float | None = None
+        self._input_topic_id: str | None = None
+        self._not_yet_back: set[TP] | None = None  # input partitions not yet reset since the topic went missing
         self.kafka: KafkaIO | None = None
         m = scorer.manifest
         self.metrics.model.info({"name": m.name, "version": m.version, "sha256": m.sha256})
         self.health.model_loaded = True
+
+    def start(self, offline: bool = False) -> None:
+        """The start-up path shared by `run` and `check`: create the clients, reach the broker, find the topics.
+
+        Raises StartupError with one line when librdkafka refuses the configuration, the broker cannot be reached or
+        authenticated against within FRAUD_STARTUP_TIMEOUT_S, or a topic is missing. Nothing is consumed.
+        `offline` stops after the clients are created (for image builds, where no broker runs).
+        """
+        if self.kafka is None:
+            try:
+                self.kafka = KafkaIO(self.settings, self._on_assign, self._on_revoke, self._on_error, self._on_commit,
+                                     failed=lambda: self.fatal is not None, stopping=self.stop.is_set)
+            except ConfigError as exc:
+                raise StartupError(str(exc)) from None
+        if not offline:
+            self.check_topics()
 
     def check_topics(self) -> None:
         """Fail start-up with one clear line if the broker is unreachable or a topic is missing."""
@@ -114,15 +141,16 @@ class Worker:
 
     def run(self) -> int:
         """Run until the stop event is set (exit code 0) or a fatal error (exit code 1)."""
-        self.check_topics()
+        self.start()
         s = self.settings
         if self.stop.is_set():
+            self.kafka.close()
             return 0
-        self.kafka = KafkaIO(s, self._on_assign, self._on_revoke, self._on_error, self._on_commit,
-                             failed=lambda: self.fatal is not None)
         self._batch_limit = s.batch_max_size
         budget = self.kafka.max_poll_interval_s()
         self.kafka.subscribe()
+        watch = TopicWatch(client_config(s), s.input_topic).start()
+        seen = watch.generation
         log.info("worker_started", input=s.input_topic, model=self.scorer.manifest.name,
                  model_version=self.scorer.manifest.version, batch_max_size=s.batch_max_size)
         last_commit, last_lag = time.monotonic(), 0.0
@@ -139,6 +167,12 @@ class Worker:
                     self._adapt_batch_limit(self._process(msgs), budget)
                 self.kafka.serve_deliveries(0)
                 self._produce_redo()
+                if not self.health.broker_reachable and watch.answered_at > self._down_since:
+                    self.health.broker_reachable = True
+                    log.info("brokers_up")
+                if watch.generation != seen:
+                    seen = watch.generation
+                    self._input_topic_changed(watch.present, watch.topic_id)
                 now = time.monotonic()
                 if now - last_commit >= commit_every:
                     self._commit(asynchronous=True)
@@ -146,12 +180,35 @@ class Worker:
                 if now - last_lag >= _LAG_INTERVAL_S:
                     self._update_lag()
                     last_lag = now
+        except Interrupted:
+            log.info("batch_interrupted", reason="stop requested while the producer queue was full")
         except KafkaFatal as exc:
             self._fail(str(exc))
         except Exception as exc:  # a bug must still stop cleanly: drain, commit only what is acknowledged
             log.exception("unexpected_error")
             self._fail(f"unexpected {type(exc).__name__}: {exc}")
+        watch.close()
         return self._shutdown()
+
+    def _input_topic_changed(self, present: bool, topic_id: str | None) -> None:
+        """Readiness follows the input topic; a re-created topic (new topic id) starts clean from its beginning."""
+        topic = self.settings.input_topic
+        self.health.input_topic_present = present
+        mine = {tp for tp in self._assigned if tp[0] == topic}
+        if not present:
+            self._not_yet_back = mine
+            log.error("input_topic_missing", topic=topic, detail="deleted or not visible; nothing is consumed or committed")
+            return
+        if self._input_topic_id not in (None, topic_id):
+            # librdkafka resets an out-of-range position to the start, but keeps one the new topic already reached.
+            rewind = self._not_yet_back if self._not_yet_back is not None else mine
+            self.tracker.forget(rewind)
+            log.warning("input_topic_recreated", topic=topic,
+                        rewound=self.kafka.rewind(topic, {p for _, p in rewind}))
+        else:
+            log.info("input_topic_present", topic=topic)
+        self._input_topic_id = topic_id
+        self._not_yet_back = None
 
     def _adapt_batch_limit(self, seconds: float, budget: float) -> None:
         """Halve the batch when one took over a third of max.poll.interval.ms, so a slow model cannot livelock the group."""
@@ -165,15 +222,24 @@ class Worker:
     def _process(self, msgs: list[Message]) -> float:
         t0 = time.perf_counter()
         outcome = score_batch(msgs, self.scorer, self.codec, int(time.time() * 1000))
+        first: dict[int, int] = {}
         last: dict[int, int] = {}
         for m in msgs:
+            first.setdefault(m.partition(), m.offset())
             last[m.partition()] = m.offset()
         topic = self.settings.input_topic
+        for p, offset in first.items():
+            if self.tracker.went_back((topic, p), offset):
+                # Earlier output of this partition belongs to records that no longer exist: start it clean.
+                self.tracker.forget({(topic, p)})
+                if self._not_yet_back:
+                    self._not_yet_back.discard((topic, p))
+                log.warning("partition_offsets_went_back", partition=p, offset=offset)
         ticket = _Ticket(self, outcome, [self.tracker.open((topic, p), offset, 1) for p, offset in last.items()])
         self.kafka.produce_all(self.settings.verdict_topic, [m.key() for m in outcome.scored], outcome.encoded,
-                               ticket.verdict_delivered)
+                               ticket.verdict_delivered, partial(self._verdict_refused_now, ticket))
         for dl in outcome.dead_letters:
-            self._produce_dead_letter(ticket, dl)
+            self._produce_dead_letter(ticket, dl, _Step.BATCHED)
         seconds = time.perf_counter() - t0
         self.metrics.consumed.inc(len(msgs))
         self.metrics.batch_size.observe(len(msgs))
@@ -182,40 +248,82 @@ class Worker:
                  dead_letters=len(outcome.dead_letters), ms=round(seconds * 1000, 2))
         return seconds
 
-    def _produce_dead_letter(self, ticket: _Ticket, dl: DeadLetter, stripped: bool = False) -> None:
+    def _produce_dead_letter(self, ticket: _Ticket, dl: DeadLetter, step: _Step, refusal: str = "") -> None:
+        """Send a dead letter; a refused one is retried alone, then adjusted (see records.adjusted_dead_letter)."""
         msg = dl.message
         now_ms = int(time.time() * 1000)
-        headers = dead_letter_headers(dl, self.settings.group_id, self.settings.worker_id, now_ms)
-        value = msg.value()
-        if stripped:
-            # The original did not fit on the dead-letter topic; keep the reason and the coordinates at least.
-            headers = [h for h in headers if h[0].startswith("fraud.errors.")] + [("fraud.errors.original.dropped", b"true")]
-            value = None
-        ts_type, ts = msg.timestamp()
-        self.kafka.produce(
-            self.settings.dead_letter_topic, msg.key(), value,
-            partial(self._dead_letter_delivered, ticket, dl, stripped), headers=headers,
-            timestamp=ts if ts_type else 0,
-        )
-
-    def _verdict_refused(self, ticket: _Ticket, i: int, err: KafkaError) -> None:
-        msg = ticket.outcome.scored[i]
-        if err.code() in RECORD_ERRORS:
-            ticket.refused.add(i)
-            self._redo.append((ticket, DeadLetter(msg, Stage.PRODUCE, "KafkaError", err.str()), False))
+        if step is _Step.BATCHED:
+            log.debug("dead_letter", stage=dl.stage.value, reason=dl.error_message[:300], topic=msg.topic(),
+                      partition=msg.partition(), offset=msg.offset())
+        if step is _Step.ADJUSTED:
+            adj = adjusted_dead_letter(dl, refusal, self.settings.group_id, self.settings.worker_id, now_ms)
+            key, value, headers, ts = adj.key, adj.value, adj.headers, adj.timestamp_ms
+            log.warning("dead_letter_adjusted", refusal=refusal[:300], topic=msg.topic(), partition=msg.partition(),
+                        offset=msg.offset())
         else:
-            self._fail(f"verdict for {msg.topic()}[{msg.partition()}]@{msg.offset()} not acknowledged: {err.str()}")
+            key, value = msg.key(), msg.value()
+            headers = dead_letter_headers(dl, self.settings.group_id, self.settings.worker_id, now_ms)
+            ts_type, ts = msg.timestamp()
+            ts = ts if ts_type and ts >= 0 else 0
+        try:
+            self.kafka.produce(self.settings.dead_letter_topic, key, value,
+                               partial(self._dead_letter_delivered, ticket, dl, step), headers=headers, timestamp=ts,
+                               alone=step is not _Step.BATCHED)
+        except Refused as exc:
+            self._dead_letter_refused(ticket, dl, step, exc.error, by_client=True)
 
-    def _dead_letter_delivered(self, ticket: _Ticket, dl: DeadLetter, stripped: bool,
+    def _verdict_refused_now(self, ticket: _Ticket, i: int, err: KafkaError) -> None:
+        """Verdict i was refused on its own (or by librdkafka in produce()), so it becomes a dead letter."""
+        self.metrics.refusals.labels("verdict", "dead_letter").inc()
+        ticket.refused.add(i)
+        self._redo.append(partial(self._produce_dead_letter, ticket, self._refusal(ticket, i, err), _Step.BATCHED))
+
+    def _verdict_refused(self, ticket: _Ticket, i: int, err: KafkaError, alone: bool) -> None:
+        msg = ticket.outcome.scored[i]
+        if err.code() not in RECORD_ERRORS:
+            self._fail(f"verdict for {msg.topic()}[{msg.partition()}]@{msg.offset()} not acknowledged: {err.str()}")
+        elif not alone:
+            # The broker refuses a whole produce batch for one record: retry alone before judging this one.
+            self.metrics.refusals.labels("verdict", "alone").inc()
+            self._redo.append(partial(self._produce_verdict_alone, ticket, i))
+        else:
+            self._verdict_refused_now(ticket, i, err)
+
+    def _produce_verdict_alone(self, ticket: _Ticket, i: int) -> None:
+        def delivered(err: KafkaError | None, _produced) -> None:
+            if err is None:
+                ticket.acked()
+            else:
+                self._verdict_refused(ticket, i, err, alone=True)
+
+        try:
+            self.kafka.produce(self.settings.verdict_topic, ticket.outcome.scored[i].key(), ticket.outcome.encoded[i],
+                               delivered, alone=True)
+        except Refused as exc:
+            self._verdict_refused_now(ticket, i, exc.error)
+
+    @staticmethod
+    def _refusal(ticket: _Ticket, i: int, err: KafkaError) -> DeadLetter:
+        return DeadLetter(ticket.outcome.scored[i], Stage.PRODUCE, "KafkaError",
+                          f"verdict refused by the verdict topic: {err.str()}")
+
+    def _dead_letter_delivered(self, ticket: _Ticket, dl: DeadLetter, step: _Step,
                                err: KafkaError | None, _produced) -> None:
         if err is None:
             ticket.dead_letter_stages.append(dl.stage.value)
             ticket.acked()
-        elif err.code() in RECORD_ERRORS and not stripped:
-            self._redo.append((ticket, dl, True))
         else:
-            m = dl.message
+            self._dead_letter_refused(ticket, dl, step, err, by_client=False)
+
+    def _dead_letter_refused(self, ticket: _Ticket, dl: DeadLetter, step: _Step, err: KafkaError, by_client: bool) -> None:
+        m = dl.message
+        if err.code() not in RECORD_ERRORS or step is _Step.ADJUSTED:
             self._fail(f"dead letter for {m.topic()}[{m.partition()}]@{m.offset()} not acknowledged: {err.str()}")
+            return
+        # librdkafka refuses a record in produce() for the record alone; the broker may refuse it for its batch.
+        following = _Step.ADJUSTED if by_client or step is _Step.ALONE else _Step.ALONE
+        self.metrics.refusals.labels("dead_letter", following.name.lower()).inc()
+        self._redo.append(partial(self._produce_dead_letter, ticket, dl, following, err.str()))
 
     def _batch_acked(self, ticket: _Ticket) -> None:
         for s in ticket.slices:
@@ -223,9 +331,14 @@ class Worker:
         self.metrics.batch_acked(ticket.outcome, ticket.refused, ticket.dead_letter_stages, time.time())
 
     def _produce_redo(self) -> None:
+        """Send the outputs that were refused (retries alone, dead letters, adjusted dead letters), oldest first."""
         while self._redo and self.fatal is None:
-            ticket, dl, stripped = self._redo.pop(0)
-            self._produce_dead_letter(ticket, dl, stripped)
+            redo = self._redo.pop(0)
+            try:
+                redo()
+            except Interrupted:
+                self._redo.insert(0, redo)
+                return
 
     def _drain(self, timeout: float) -> int:
         """Flush until every output is acknowledged (re-producing refused records as dead letters) or time runs out."""
@@ -243,6 +356,10 @@ class Worker:
             # A final commit resends every safe position: an earlier async commit of it may still fail.
             positions = {tp: pos for tp, pos in self.tracker.safe_positions().items() if tps is None or tp in tps}
         if not positions:
+            return
+        if not self.health.broker_reachable:
+            # A commit waits for a coordinator that is away, and so would close(); offer the positions again later.
+            self.tracker.uncommit(positions)
             return
         try:
             self.kafka.commit(positions, asynchronous=asynchronous)
@@ -266,9 +383,15 @@ class Worker:
         self.metrics.assigned.set(len(self._assigned))
         log.info("partitions_assigned", partitions=sorted(p for _, p in tps), total=len(self._assigned))
 
+    def _time_left(self) -> float:
+        """Time for a drain: the whole shutdown timeout, or what is left of it once shutdown began."""
+        if self._stop_deadline is None:
+            return self.settings.shutdown_timeout_s
+        return max(0.0, self._stop_deadline - time.monotonic())
+
     def _on_revoke(self, tps: set[TP], lost: bool) -> None:
         if not lost and self.fatal is None:
-            remaining = self._drain(self.settings.shutdown_timeout_s)
+            remaining = self._drain(self._time_left())
             self._commit(asynchronous=False, tps=tps)
             if remaining:
                 log.warning("revoke_with_unacknowledged_output", outstanding=remaining)
@@ -295,12 +418,17 @@ class Worker:
         if code in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED):
             self._auth_error = f"Kafka authentication failed: {err.str()}"
             self._fail(self._auth_error)
+        elif code == KafkaError._SSL and not self.health.broker_reachable:
+            # At start-up a TLS failure is a configuration error (wrong protocol, CA or certificate), not an outage.
+            self._auth_error = f"TLS with Kafka failed: {err.str()}"
         elif err.fatal():
             self._fail(f"fatal Kafka error: {err.str()}")
         elif code == KafkaError._ALL_BROKERS_DOWN:
             self.health.broker_reachable = False
-            log.warning("brokers_down", error=err.str())
-        else:
+            self._down_since = time.monotonic()
+            if self._errors.first(err.str()):
+                log.warning("brokers_down", error=err.str())
+        elif self._errors.first(err.str()):
             log.warning("kafka_error", error=err.str())
 
     def _fail(self, reason: str) -> None:
@@ -309,9 +437,11 @@ class Worker:
             log.error("worker_failed", reason=reason)
 
     def _shutdown(self) -> int:
-        outstanding = self._drain(self.settings.shutdown_timeout_s) if self.kafka else 0
+        self._stop_deadline = time.monotonic() + self.settings.shutdown_timeout_s
+        outstanding = self._drain(self._time_left()) if self.kafka else 0
         if self.kafka:
             self._commit(asynchronous=False)
-            self.kafka.close()
+            if not self.kafka.close(self._time_left()):
+                log.warning("consumer_close_timed_out", detail="the group drops this member after session.timeout.ms")
         log.info("worker_stopped", reason=self.fatal or "stop requested", unacknowledged=outstanding)
         return 1 if self.fatal else 0

@@ -19,7 +19,7 @@ from .codec import Codec, DecodeError
 from .kafka import (
     committed_offsets, create_topics, end_offsets, plain_producer, read_topic, send, set_topic_writable,
 )
-from .localbroker import CACHE, LocalBroker
+from .localbroker import LocalBroker, broker_home, free_ports
 from .records import Transaction
 from .replica import Replica
 from .settings import Settings
@@ -79,7 +79,7 @@ class Plan:
     storm: bool = False
     unwritable: bool = False
     poison_per_kind: int = 2
-    port: int = 49092
+    port: int = 0  # 0: free ports chosen at run time, the broker kept with the run's output and stopped after it
     seed: int = 0
     out: Path = Path("var/chaos")
 
@@ -146,7 +146,11 @@ class Chaos:
         self.rng = random.Random(plan.seed)
         self.run_id = f"chaos-{time.strftime('%H%M%S')}-{plan.seed}"
         self.out = Path(plan.out) / self.run_id
-        self.broker = LocalBroker(port=plan.port, home=CACHE / f"broker-chaos-{plan.port}", acls=True)
+        if plan.port:
+            self.broker = LocalBroker(port=plan.port, home=broker_home(plan.port, "broker-chaos"), acls=True)
+        else:
+            port, controller = free_ports(2)
+            self.broker = LocalBroker(port=port, controller_port=controller, home=self.out / "broker", acls=True)
         self.replicas: list[Replica] = []
         self.report = Report(plan={k: str(v) for k, v in asdict(plan).items()})
         self._n = 0
@@ -357,6 +361,8 @@ def run(plan: Plan) -> Report:
     finally:
         for r in chaos.replicas:
             r.kill()
+        if not plan.port:  # a broker on ports chosen for this run serves no one after it
+            chaos.broker.stop()
     print(report.table())
     print(f"report: {chaos.out / 'report.json'}")
     return report

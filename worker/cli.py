@@ -17,10 +17,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fraud-worker", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="run the scoring worker (configured by FRAUD_* variables)")
-    sub.add_parser("check", help="check the configuration and the model, then exit")
+    p = sub.add_parser("check", help="run the start-up path (settings, model, clients, broker, topics), then exit")
+    p.add_argument("--offline", action="store_true", help="check settings, model and client configuration only")
     p = sub.add_parser("topics", help="create the input, verdict and dead-letter topics")
     p.add_argument("--partitions", type=int, default=6, help="input topic partitions (default 6)")
     p.add_argument("--output-partitions", type=int, default=6, help="verdict and dead-letter topic partitions")
+    p.add_argument("--replication-factor", type=int, default=-1,
+                   help="replicas per partition (default -1: the cluster's default.replication.factor); "
+                        "1 only makes sense for a local single broker")
+    p.add_argument("--min-insync-replicas", type=int, default=None,
+                   help="set the topics' min.insync.replicas, the replicas an acks=all write needs "
+                        "(default: the cluster's); at most the replication factor")
     p = sub.add_parser("produce", help="produce sample transactions to the input topic")
     p.add_argument("--count", type=int, default=10_000)
     p.add_argument("--rate", type=float, default=0.0, help="messages per second (0 = as fast as possible)")
@@ -31,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle", type=float, default=5.0, help="stop after this many idle seconds")
     p = sub.add_parser("broker", help="manage the local Kafka broker (no Docker needed)")
     p.add_argument("action", choices=["start", "stop", "status"])
-    p.add_argument("--port", type=int, default=9092)
+    p.add_argument("--port", type=int, default=9092,
+                   help="the broker's port (default 9092); its pid file, data and log are this checkout's "
+                        "var/broker-PORT, so stop and status only see the broker this checkout started")
     p = sub.add_parser("demo", help="end to end on a broker: topics, worker, traffic, verdicts, summary")
     p.add_argument("--count", type=int, default=50_000)
     p.add_argument("--rate", type=float, default=5_000.0, help="transactions per second")
@@ -44,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--broker-restarts", type=int, default=1)
     p.add_argument("--storm", action="store_true", help="scale 1 -> 3 -> 1 replicas while traffic flows")
     p.add_argument("--unwritable", action="store_true", help="deny writes to the verdict topic for a while")
-    p.add_argument("--port", type=int, default=49092, help="port of the harness's own broker")
+    p.add_argument("--port", type=int, default=0, help="port of the harness's own broker (0: a free one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="var/chaos", help="where logs and report.json go")
     args = parser.parse_args(argv)
@@ -79,7 +88,7 @@ def _run(args) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         worker = Worker(settings, _load_scorer(settings), stop=stop)
-        worker.check_topics()
+        worker.start()
     except (ManifestError, StartupError) as exc:
         log.error("startup_failed", error=str(exc))
         raise StartupFailure(str(exc)) from None
@@ -98,27 +107,42 @@ def _load_scorer(settings):
 
 
 def _check(args) -> int:
+    """The real start-up path (settings, model, clients, broker, authentication, topics), then exit; 0 when all pass."""
+    from .app import StartupError, Worker
     from .manifest import ManifestError
 
     settings = load_settings()
+    logs.configure("ERROR")
     try:
-        scorer = _load_scorer(settings)
-    except ManifestError as exc:
+        worker = Worker(settings, _load_scorer(settings))
+        worker.start(offline=args.offline)
+    except (ManifestError, StartupError) as exc:
         raise StartupFailure(str(exc)) from None
-    m = scorer.manifest
+    worker.kafka.close()
+    m = worker.scorer.manifest
     print(json.dumps({"model": m.name, "version": m.version, "sha256": m.sha256, "features": len(m.features),
-                      "thresholds": m.thresholds.model_dump(), "bootstrap_servers": settings.bootstrap_servers}))
+                      "thresholds": m.thresholds.model_dump(), "bootstrap_servers": settings.bootstrap_servers,
+                      "topics": [settings.input_topic, settings.verdict_topic, settings.dead_letter_topic]}))
     return 0
 
 
 def _topics(args) -> int:
+    from confluent_kafka import KafkaException
+
     from .kafka import client_config, create_topics
 
     s = load_settings()
-    created = create_topics(
-        client_config(s),
-        {s.input_topic: args.partitions, s.verdict_topic: args.output_partitions, s.dead_letter_topic: args.output_partitions},
-    )
+    try:
+        created = create_topics(
+            client_config(s),
+            {s.input_topic: args.partitions, s.verdict_topic: args.output_partitions,
+             s.dead_letter_topic: args.output_partitions},
+            replication=args.replication_factor, min_insync_replicas=args.min_insync_replicas,
+        )
+    except ValueError as exc:
+        raise StartupFailure(str(exc)) from None
+    except KafkaException as exc:
+        raise StartupFailure(f"cannot create topics on {s.bootstrap_servers}: {exc.args[0].str()}") from None
     print(json.dumps({"created": created}))
     return 0
 
@@ -151,17 +175,22 @@ def _verdicts(args) -> int:
 
 
 def _broker(args) -> int:
-    from .localbroker import CACHE, BrokerError, LocalBroker
+    from .kafka import answers
+    from .localbroker import BrokerError, LocalBroker, broker_home
 
-    broker = LocalBroker(port=args.port, home=CACHE / f"broker-{args.port}")
+    broker = LocalBroker(port=args.port, home=broker_home(args.port))
     try:
         if args.action == "start":
             print(json.dumps({"bootstrap": broker.start(), "log": str(broker.log_file)}))
         elif args.action == "stop":
-            broker.stop()
-            print(json.dumps({"stopped": args.port}))
+            pid = broker.stop()
+            out = {"stopped": pid is not None, "pid": pid, "port": args.port, "home": str(broker.home)}
+            if pid is None and answers(broker.bootstrap, timeout=2):
+                out["note"] = f"a broker this checkout did not start answers on port {args.port}; left running"
+            print(json.dumps(out))
         else:
-            print(json.dumps({"running": broker.running(), "pid": broker.pid(), "bootstrap": broker.bootstrap}))
+            print(json.dumps({"running": broker.running(), "pid": broker.pid(), "bootstrap": broker.bootstrap,
+                              "home": str(broker.home)}))
     except BrokerError as exc:
         raise StartupFailure(str(exc)) from None
     return 0

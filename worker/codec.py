@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ _SHIFTS = (np.arange(10) * 7).astype(np.uint64)
 _AMOUNT = np.arange(8)
 _TAIL = np.arange(_TAIL_BYTES)
 _DECISION_CODES = (Decision.APPROVE, Decision.REVIEW, Decision.DECLINE)
+_VARINT = re.compile(rb"[\x80-\xff]*[\x00-\x7f]")
 
 
 class DecodeError(ValueError):
@@ -68,7 +70,7 @@ class TransactionBatch:
     """Decoded transactions as columns; `rows` maps each back to its position in the consumed batch."""
 
     rows: list[int]
-    buf: np.ndarray  # the batch's values back to back (uint8), with spans into it per row:
+    buf: np.ndarray  # the batch's values back to back (uint8), every varint canonical, with spans into it per row:
     starts: np.ndarray  # record start = start of transaction_id's length prefix
     card_starts: np.ndarray  # start of card_id's length prefix
     id_ends: np.ndarray  # end of card_id = start of amount
@@ -146,6 +148,8 @@ class Codec:
         more = window >= 0x80
         length = np.argmin(more, axis=1) + 1
         ok &= ~more.all(axis=1) & (time_start + length + _TAIL_BYTES == ends) & (length < 10)
+        # A multi-byte varint ending in a zero group is non-canonical; the careful path rewrites it.
+        ok &= (length == 1) | (buf[time_start + length - 1] != 0)
         digits = np.where(_TEN[None, :] < length[:, None], window & 0x7F, 0) << _SHIFTS
         zigzag = np.bitwise_or.reduce(digits, axis=1)
         times = ((zigzag >> np.uint64(1)) ^ (np.uint64(0) - (zigzag & np.uint64(1)))).view(np.int64)
@@ -157,7 +161,7 @@ class Codec:
         errors: dict[int, DecodeError] = {}
         rest = np.flatnonzero(~ok).tolist()
         if rest:
-            # Long ids and every kind of damage take the careful path, which also says what is wrong.
+            # Long ids, non-canonical varints and all damage take the careful path, which also says what is wrong.
             careful, errors = self._decode_carefully(values, rest)
             batch = _concat(batch, careful) if len(careful) else batch
         non_ascii = _non_ascii_ids(batch)
@@ -175,7 +179,8 @@ class Codec:
         if not good:
             return _empty(), errors
         kept = [i for i in rows if i not in errors]
-        sub = [values[i] for i in kept]
+        # The records rewritten canonically, so that validation and verdicts can rely on canonical Avro.
+        sub = [h[4] for h in good]
         buf = np.frombuffer(b"".join(sub) + bytes(_PAD), dtype=np.uint8)
         sizes = np.array([len(v) for v in sub], dtype=np.int64)
         starts = np.cumsum(sizes) - sizes
@@ -186,15 +191,15 @@ class Codec:
         return TransactionBatch(kept, buf, starts, card, id_end, time_end, np.array([h[2] for h in good], dtype=np.int64),
                                 fixed.reshape(-1).view(_FIXED)), errors
 
-    def _read_head(self, value: bytes | None) -> tuple[int, int, int, int]:
-        """(card_id start, card_id end, event_time, event_time end) of one record, or a DecodeError."""
+    def _read_head(self, value: bytes | None) -> tuple[int, int, int, int, bytes]:
+        """(card_id start, card_id end, event_time, event_time end, record) of one record rewritten canonically."""
         if not value:
             raise DecodeError("empty message value")
         size = len(value)
         if size > self.max_message_bytes:
             raise DecodeError(f"message of {size} bytes exceeds max_message_bytes={self.max_message_bytes}")
-        _, card = _read_string(value, 0, "transaction_id")
-        _, id_end = _read_string(value, card, "card_id")
+        transaction_id, card = _read_string(value, 0, "transaction_id")
+        card_id, id_end = _read_string(value, card, "card_id")
         if id_end + 8 > size:
             raise DecodeError("not a Transaction: truncated in amount")
         et, et_end = _read_long(value, id_end + 8, "event_time")
@@ -202,7 +207,9 @@ class Codec:
             short = et_end + _TAIL_BYTES - size
             raise DecodeError(f"not a Transaction: {short} bytes missing" if short > 0
                               else f"{-short} trailing bytes after a Transaction record")
-        return card, id_end, et, et_end
+        tid, cid, time = _string(transaction_id), _string(card_id), _long(et)
+        head = len(tid) + len(cid)
+        return len(tid), head, et, head + 8 + len(time), tid + cid + value[id_end:id_end + 8] + time + value[et_end:]
 
     def decode_transaction(self, value: bytes | None) -> Transaction:
         """Decode one message value; raise DecodeError with a reason on any failure."""
@@ -247,11 +254,8 @@ class Codec:
 def validation_errors(batch: TransactionBatch) -> dict[int, ValidationError]:
     """A ValidationError per batch position whose values cannot be scored, checked column by column."""
     errors: dict[int, ValidationError] = {}
-    # Ids are checked by their encoded length (one prefix byte for lengths up to 63; see _read_string).
-    spans = (("transaction_id", batch.starts, batch.card_starts), ("card_id", batch.card_starts, batch.id_ends))
-    for name, lo, hi in spans:
-        prefix = np.where(batch.buf[lo] < 0x80, 1, 2)
-        size = hi - lo - prefix
+    for name, lo in (("transaction_id", batch.starts), ("card_id", batch.card_starts)):
+        size = _canonical_length(batch.buf, lo)
         for pos in np.flatnonzero((size < 1) | (size > _MAX_ID_BYTES)):
             errors.setdefault(int(pos), ValidationError(f"{name} must hold 1..{_MAX_ID_BYTES} bytes"))
     for name in _DOUBLES:
@@ -273,20 +277,28 @@ def validate(txn: Transaction) -> None:
         raise errors[0]
 
 
+def _canonical_length(buf: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """The lengths declared by the canonical varints at starts: exact below 8192, and 8192 for any longer one."""
+    low, high = buf[starts].astype(np.int64), buf[starts + 1].astype(np.int64)
+    two_bytes = ((low & 0x7F) | (high << 7)) >> 1
+    return np.where(low < 0x80, low >> 1, np.where(high < 0x80, two_bytes, 8192))
+
+
 def _read_long(buf: bytes, pos: int, name: str) -> tuple[int, int]:
-    """A zig-zag varint at pos; at most 10 bytes, as Avro allows."""
-    acc = shift = 0
-    for end in range(pos, min(pos + 10, len(buf))):
-        b = buf[end]
+    """A zig-zag varint at pos, of any length as fastavro reads it, if its value fits in 64 bits."""
+    match = _VARINT.match(buf, pos)
+    if match is None:
+        raise DecodeError(f"not a Transaction: truncated in {name}")
+    end = match.end()
+    # Past ten bytes fastavro reads on, but only zero groups keep its value: its C reader wraps other bits around.
+    if end - pos > 10 and buf[pos + 10:end].lstrip(b"\x80") != b"\x00":
+        raise DecodeError(f"not a Transaction: {name} does not fit in a 64-bit long")
+    acc = 0
+    for shift, b in zip(range(0, 70, 7), buf[pos:min(end, pos + 10)]):
         acc |= (b & 0x7F) << shift
-        if b < 0x80:
-            if acc >> 64:
-                raise DecodeError(f"not a Transaction: {name} does not fit in a 64-bit long")
-            return (acc >> 1) ^ -(acc & 1), end + 1
-        shift += 7
-    if len(buf) - pos >= 10:
-        raise DecodeError(f"not a Transaction: {name} varint longer than 10 bytes")
-    raise DecodeError(f"not a Transaction: truncated in {name}")
+    if acc >> 64:
+        raise DecodeError(f"not a Transaction: {name} does not fit in a 64-bit long")
+    return (acc >> 1) ^ -(acc & 1), end
 
 
 def _read_string(buf: bytes, pos: int, name: str) -> tuple[str, int]:

@@ -1,4 +1,8 @@
-"""A local single-node Apache Kafka (KRaft) broker with no Docker: jars from Maven Central, run with Java."""
+"""A local single-node Apache Kafka (KRaft) broker with no Docker: jars from Maven Central, run with Java.
+
+The jars are cached once per machine (FRAUD_CACHE_DIR); a broker's home (pid file, data, log) belongs to one
+checkout (`<checkout>/var/broker-<port>`), so checkouts never adopt or stop each other's brokers.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from .kafka import answers
 KAFKA_VERSION = os.environ.get("FRAUD_KAFKA_VERSION", "4.1.1")
 LOG4J_VERSION = "2.24.3"
 CACHE = Path(os.environ.get("FRAUD_CACHE_DIR", Path.home() / ".cache" / "fraud-worker"))
+_PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 
 _POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
   <modelVersion>4.0.0</modelVersion>
@@ -46,21 +51,50 @@ class BrokerError(RuntimeError):
     """The local broker cannot be fetched, started or stopped."""
 
 
+def checkout_dir() -> Path:
+    """The checkout this package runs from (the current directory if it is installed elsewhere)."""
+    return _PACKAGE_PARENT if (_PACKAGE_PARENT / "pyproject.toml").exists() else Path.cwd().resolve()
+
+
+def broker_home(port: int, name: str = "broker") -> Path:
+    """This checkout's home for the broker on `port`: `<checkout>/var/<name>-<port>`."""
+    return checkout_dir() / "var" / f"{name}-{port}"
+
+
+def free_ports(count: int = 1) -> list[int]:
+    """`count` distinct ports that are free on 127.0.0.1 right now (the OS picks them)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 @dataclass
 class LocalBroker:
-    """A single-node KRaft broker bound to 127.0.0.1, with its data and log under `home`."""
+    """A single-node KRaft broker bound to 127.0.0.1, with its pid file, data and log under `home`.
+
+    `home` defaults to this checkout's `var/broker-<port>`. The broker is only ever adopted, reported or stopped
+    through the pid file in `home`, and only while that pid's command line names this home's config.
+    """
 
     port: int = 9092
     controller_port: int | None = None
-    home: Path = field(default_factory=lambda: CACHE / "broker-9092")
+    home: Path | None = None
     scram_users: dict[str, str] = field(default_factory=dict)
     sasl_port: int | None = None
     acls: bool = False
     heap: str = "768m"
 
     def __post_init__(self) -> None:
-        self.home = Path(self.home)
+        self.home = Path(self.home).resolve() if self.home is not None else broker_home(self.port)
         self.controller_port = self.controller_port or self.port + 1
+        self.launched = False  # whether this object started the process (rather than finding it running)
 
     @property
     def bootstrap(self) -> str:
@@ -76,6 +110,10 @@ class LocalBroker:
     def _pid_file(self) -> Path:
         return self.home / "broker.pid"
 
+    @property
+    def _config(self) -> Path:
+        return self.home / "server.properties"
+
     def start(self, timeout: float = 90.0) -> str:
         """Start the broker unless it already runs; wait until it answers metadata; return the bootstrap."""
         self.home.mkdir(parents=True, exist_ok=True)
@@ -86,6 +124,12 @@ class LocalBroker:
 
     def _start(self, timeout: float) -> str:
         if self.running():
+            try:
+                config = self._config.read_text()
+            except OSError:
+                config = ""
+            if f"PLAINTEXT://127.0.0.1:{self.port}," not in config:
+                raise BrokerError(f"the broker of {self.home} runs on another port; stop it first")
             if answers(self.bootstrap):
                 return self.bootstrap
             self._wait_ready(timeout)
@@ -107,14 +151,20 @@ class LocalBroker:
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             )
         self._pid_file.write_text(str(proc.pid))
+        self.launched = True
         self._wait_ready(timeout, proc)
         return self.bootstrap
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop the broker: SIGTERM, then SIGKILL after `timeout`."""
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """Stop this home's broker: SIGTERM, then SIGKILL after `timeout`; return its pid, None if none ran.
+
+        Only the process in this home's pid file is signalled, and only if it really is this home's broker, so a
+        broker of another checkout (or a process that reused a stale pid) is never touched.
+        """
         pid = self.pid()
         if pid is None:
-            return
+            self._pid_file.unlink(missing_ok=True)  # stale: the process is gone or is not this home's broker
+            return None
         _signal(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while _alive(pid) and time.monotonic() < deadline:
@@ -124,18 +174,19 @@ class LocalBroker:
             while _alive(pid):
                 time.sleep(0.1)
         self._pid_file.unlink(missing_ok=True)
+        return pid
 
     def kill(self) -> None:
         """SIGKILL the broker (for fault injection)."""
         self.stop(timeout=0)
 
     def pid(self) -> int | None:
-        """The broker's pid if it runs."""
+        """The pid of this home's broker if it runs; a live pid whose command line is not this broker's is not it."""
         try:
             pid = int(self._pid_file.read_text())
         except (OSError, ValueError):
             return None
-        return pid if _alive(pid) else None
+        return pid if _alive(pid) and _runs_config(pid, self._config) else None
 
     def running(self) -> bool:
         """Whether the broker process is alive."""
@@ -192,7 +243,7 @@ class LocalBroker:
             "log.retention.hours=24",
             *extra,
         ]
-        config = self.home / "server.properties"
+        config = self._config
         config.write_text("\n".join(lines) + "\n")
         (self.home / "log4j2.properties").write_text(_LOG4J)
         return config
@@ -262,6 +313,18 @@ def _alive(pid: int) -> bool:
         return state != "Z"
     except OSError:
         return True
+
+
+def _runs_config(pid: int, config: Path) -> bool:
+    """Whether process `pid` is a Kafka broker started with `config` (its command line names it)."""
+    if Path("/proc/self/cmdline").exists():
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return os.fsencode(str(config)) in args
+    done = subprocess.run(["ps", "-ww", "-o", "args=", "-p", str(pid)], capture_output=True, text=True)
+    return f" {config}" in done.stdout
 
 
 def _signal(pid: int, sig: int) -> None:

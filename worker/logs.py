@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 import structlog
 
@@ -35,3 +36,22 @@ def bind(**context) -> None:
 def get_logger(name: str = "worker"):
     """A structlog logger."""
     return structlog.get_logger(name)
+
+
+class FirstSeen:
+    """Says whether a message is new, or last seen more than `quiet_s` seconds ago (for repeated client errors)."""
+
+    def __init__(self, quiet_s: float, clock=time.monotonic):
+        self.quiet_s, self.clock = quiet_s, clock
+        self._last: dict[str, float] = {}
+
+    def first(self, message: str) -> bool:
+        """True the first time `message` (less librdkafka's "(after N ms …)" tail) is seen in a quiet window."""
+        key = message.split(" (after ", 1)[0]
+        now = self.clock()
+        if now - self._last.get(key, -self.quiet_s - 1) <= self.quiet_s:
+            return False
+        if len(self._last) > 1000:
+            self._last.clear()
+        self._last[key] = now
+        return True

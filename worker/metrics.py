@@ -23,6 +23,8 @@ class Metrics:
         self.consumed = Counter("fraud_worker_transactions_consumed", "Messages consumed from the input topic.", registry=r)
         self.verdicts = Counter("fraud_worker_verdicts", "Verdicts acknowledged by the broker.", ["decision"], registry=r)
         self.dead_letters = Counter("fraud_worker_dead_letters", "Dead letters acknowledged by the broker.", ["stage"], registry=r)
+        self.refusals = Counter("fraud_worker_output_refusals", "Outputs the broker or client refused, by what was sent next.",
+                                ["kind", "then"], registry=r)
         self.batch_size = Histogram("fraud_worker_batch_size", "Messages per scored batch.", buckets=_BATCH_BUCKETS, registry=r)
         self.inference = Histogram("fraud_worker_batch_seconds", "Time to decode, score and encode one batch.", registry=r)
         self.end_to_end = BulkHistogram(
@@ -83,7 +85,7 @@ class BulkHistogram:
 
 
 class Health:
-    """Liveness (the loop turns) and readiness (model loaded, in the group, broker reachable)."""
+    """Liveness (the loop turns) and readiness (model loaded, in the group, broker reachable, input topic there)."""
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
@@ -91,6 +93,7 @@ class Health:
         self.model_loaded = False
         self.in_group = False
         self.broker_reachable = False
+        self.input_topic_present = True
 
     def beat(self) -> None:
         """The loop went round once."""
@@ -103,7 +106,8 @@ class Health:
 
     def ready(self) -> tuple[bool, dict]:
         """Whether this worker can score now."""
-        state = {"model_loaded": self.model_loaded, "in_group": self.in_group, "broker_reachable": self.broker_reachable}
+        state = {"model_loaded": self.model_loaded, "in_group": self.in_group, "broker_reachable": self.broker_reachable,
+                 "input_topic_present": self.input_topic_present}
         return all(state.values()) and self.live()[0], state
 
 

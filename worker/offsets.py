@@ -35,6 +35,12 @@ class OffsetTracker:
         queue.append(s)
         return s
 
+    def went_back(self, tp: TopicPartition, first_offset: int) -> bool:
+        """Whether a batch starting at `first_offset` lies before what was already opened (topic re-created, seek)."""
+        queue = self._slices.get(tp)
+        opened = queue[-1].last_offset + 1 if queue else -1
+        return first_offset < max(opened, self._safe.get(tp, -1))
+
     def ack(self, s: Slice) -> None:
         """One output of the slice was acknowledged by the broker."""
         s.outstanding -= 1

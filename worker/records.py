@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from collections.abc import Callable
 from typing import Any, Protocol
 
 Headers = list[tuple[str, bytes | None]]
@@ -134,13 +135,33 @@ class BatchOutcome:
         return list(zip(self.scored, self.typed()))
 
 
+# librdkafka error strings can carry a whole broker message; a header this long still says why.
+_MAX_REASON_CHARS = 1000
+# Longer keys are replaced by their digest when a dead letter must be adjusted to land.
+MAX_ADJUSTED_KEY_BYTES = 64
+
+
 def dead_letter_headers(dl: DeadLetter, group_id: str, worker_id: str, failed_at_ms: int) -> Headers:
     """The original headers plus string headers, Kafka Connect style, that say why and where it failed."""
+    original, readable = _original_headers(dl.message)
+    unreadable = [] if readable else [("fraud.errors.original.headers.unreadable", b"true")]
+    return original + _error_headers(dl, group_id, worker_id, failed_at_ms) + unreadable
+
+
+def _original_headers(msg: Message) -> tuple[Headers, bool]:
+    """The record's headers, and whether they could be read (a header name that is not UTF-8 cannot)."""
+    try:
+        return list(msg.headers() or []), True
+    except (UnicodeDecodeError, ValueError):
+        return [], False
+
+
+def _error_headers(dl: DeadLetter, group_id: str, worker_id: str, failed_at_ms: int) -> Headers:
     msg = dl.message
     ours = {
         "fraud.errors.stage": dl.stage.value,
         "fraud.errors.exception.class.name": dl.error_class,
-        "fraud.errors.exception.message": dl.error_message,
+        "fraud.errors.exception.message": dl.error_message[:_MAX_REASON_CHARS],
         "fraud.errors.topic": msg.topic() or "",
         "fraud.errors.partition": str(msg.partition()),
         "fraud.errors.offset": str(msg.offset()),
@@ -148,4 +169,45 @@ def dead_letter_headers(dl: DeadLetter, group_id: str, worker_id: str, failed_at
         "fraud.errors.worker.id": worker_id,
         "fraud.errors.timestamp": str(failed_at_ms),
     }
-    return list(msg.headers() or []) + [(k, v.encode()) for k, v in ours.items()]
+    return [(k, v.encode(errors="replace")) for k, v in ours.items()]
+
+
+@dataclass(frozen=True, slots=True)
+class Adjusted:
+    """A dead letter reduced to what any topic accepts, when the original was refused."""
+
+    key: bytes
+    value: None
+    headers: Headers
+    timestamp_ms: int  # 0: the broker's time
+
+
+def adjusted_dead_letter(dl: DeadLetter, refusal: str, group_id: str, worker_id: str, failed_at_ms: int) -> Adjusted:
+    """The dead letter without value, original headers and timestamp, and with a short key; headers say what changed.
+
+    The key becomes `sha256:<hex>` of the original when longer than MAX_ADJUSTED_KEY_BYTES, or the source
+    coordinates `topic/partition/offset` when there was none (a compacted topic refuses a null key).
+    """
+    msg = dl.message
+    key, value, (headers, _) = msg.key(), msg.value(), _original_headers(msg)
+    changed = {"fraud.errors.dead.letter.refused": refusal[:_MAX_REASON_CHARS], "fraud.errors.adjusted": []}
+
+    def note(what: str, **facts: object) -> None:
+        changed["fraud.errors.adjusted"].append(what)
+        changed.update({f"fraud.errors.original.{k.replace('_', '.')}": str(v) for k, v in facts.items()})
+
+    if value is not None:
+        note("value.dropped", value_bytes=len(value))
+    if key is None:
+        key = f"{msg.topic()}/{msg.partition()}/{msg.offset()}".encode()
+        note("key.coordinates", key="null")
+    elif len(key) > MAX_ADJUSTED_KEY_BYTES:
+        note("key.digest", key_bytes=len(key))
+        key = b"sha256:" + hashlib.sha256(key).hexdigest().encode()
+    if headers:
+        note("headers.dropped", headers_count=len(headers))
+    ts_type, ts = msg.timestamp()
+    note("timestamp.replaced", timestamp=ts if ts_type else "none")
+    changed["fraud.errors.adjusted"] = ",".join(changed["fraud.errors.adjusted"])
+    extra = [(k, str(v).encode()) for k, v in changed.items()]
+    return Adjusted(key, None, _error_headers(dl, group_id, worker_id, failed_at_ms) + extra, 0)

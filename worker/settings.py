@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import socket
+from collections.abc import Callable
+from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,6 +20,82 @@ ROOT = Path(__file__).resolve().parent.parent
 # Read by the local-broker tooling, not by the worker.
 TOOL_VARIABLES = {"FRAUD_CACHE_DIR", "FRAUD_KAFKA_VERSION", "FRAUD_TEST_BROKER_PORT"}
 _SECRET_WORDS = ("password", "secret", "token", "key.pem", "keystore", "credentials")
+
+
+def _one_of(*spellings: str) -> Callable[[str], bool]:
+    """A check that a value is one of these spellings, ignoring case as librdkafka does."""
+    return lambda value: value.lower() in spellings
+
+
+_FALSE, _TRUE, _NEVER = _one_of("false", "f", "0"), _one_of("true", "t", "1"), _one_of()
+
+
+def _owned(setting: str) -> tuple[Callable[[str], bool], str]:
+    """The guard of a key the worker sets from one of its own settings."""
+    return _NEVER, f"belongs to the worker's own settings (use {setting} instead)"
+
+
+_AUTO_COMMIT = (_FALSE, "would commit offsets before their verdicts are acknowledged, breaking at-least-once "
+                        "(the worker commits itself)")
+_ACKS = (_one_of("all", "-1"), "would count a verdict as delivered, and commit its input, before every in-sync "
+                               "replica has it, breaking at-least-once (the worker uses all)")
+# Pass-through keys that could break "every record ends in exactly one place": key (or fnmatch pattern) ->
+# (is this value safe?, what any other value would do). Keys match case-insensitively, with or without
+# librdkafka's "topic." prefix; aliases are listed too. Owned keys have no safe value and never show it.
+GUARDED_KEYS: dict[str, tuple[Callable[[str], bool], str]] = {
+    "enable.auto.commit": _AUTO_COMMIT,
+    "auto.commit.enable": _AUTO_COMMIT,
+    "enable.auto.offset.store": (_FALSE, "would store offsets of records whose verdicts are not yet acknowledged, "
+                                         "breaking at-least-once (the worker commits only acknowledged offsets)"),
+    "auto.offset.reset": (_one_of("earliest", "smallest", "beginning"),
+                          "would skip, or stall on, the records of a partition without a committed offset "
+                          "(the worker starts from the earliest)"),
+    "acks": _ACKS,
+    "request.required.acks": _ACKS,
+    "enable.idempotence": (_TRUE, "would let producer retries duplicate or reorder verdicts "
+                                  "(the worker's producer is idempotent)"),
+    "transactional.id": (_NEVER, "would make the producer transactional, which the worker does not drive"),
+    "bootstrap.servers": _owned("FRAUD_BOOTSTRAP_SERVERS"),
+    "metadata.broker.list": _owned("FRAUD_BOOTSTRAP_SERVERS"),
+    "group.id": _owned("FRAUD_GROUP_ID"),
+    "client.id": _owned("FRAUD_WORKER_ID"),
+    "security.protocol": _owned("FRAUD_SECURITY_PROTOCOL"),
+    "sasl.mechanism": _owned("FRAUD_SASL_MECHANISM"),
+    "sasl.mechanisms": _owned("FRAUD_SASL_MECHANISM"),
+    "sasl.username": _owned("FRAUD_SASL_USERNAME"),
+    "sasl.password": _owned("FRAUD_SASL_PASSWORD"),
+    "ssl.ca.location": _owned("FRAUD_SSL_CA_LOCATION"),
+    "ssl.certificate.location": _owned("FRAUD_SSL_CERTIFICATE_LOCATION"),
+    "ssl.key.location": _owned("FRAUD_SSL_KEY_LOCATION"),
+    "ssl.key.password": _owned("FRAUD_SSL_KEY_PASSWORD"),
+    **dict.fromkeys(["on_commit", "on_delivery", "error_cb", "throttle_cb", "stats_cb", "oauth_cb", "logger",
+                     "dr_cb", "dr_msg_cb"], (_NEVER, "is a Python callback the worker sets itself")),
+}
+# Values of guarded keys that errors show; anything else might be a secret pasted into the wrong place.
+_SHOWN = {"true", "false", "t", "f", "all", "earliest", "smallest", "beginning", "latest", "largest", "end",
+          "error", "none"}
+_JSON_KINDS = {type(None): "null", dict: "an object", list: "a list", float: "a non-finite number"}
+
+
+def _guard_problem(key: str, value: str) -> str | None:
+    """Why this pass-through key and value are refused, or None when they are allowed."""
+    name = key.lower().removeprefix("topic.")
+    safe, reason = next((g for pattern, g in GUARDED_KEYS.items() if fnmatchcase(name, pattern)), (None, ""))
+    if safe is None or safe(value):
+        return None
+    if safe is _NEVER:
+        return f"{key} {reason}"
+    shown = value if value.lower() in _SHOWN or re.fullmatch(r"-?\d{1,4}", value) else "<value not shown>"
+    return f"{key}={shown} {reason}"
+
+
+def _librdkafka_string(value: Any) -> str | None:
+    """A JSON scalar as the string librdkafka expects, or None for null, objects, lists and non-finite numbers."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and math.isfinite(value):
+        return str(int(value)) if value.is_integer() else repr(value)
+    return str(value) if isinstance(value, (int, str)) else None
 
 
 class SettingsError(ValueError):
@@ -62,12 +142,34 @@ class Settings(BaseSettings):
     health_timeout_s: float = Field(60.0, gt=0, description="/healthz fails when the loop has not turned for this long.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Least level logged.")
 
+    @field_validator("consumer_config", "producer_config", mode="before")
+    @classmethod
+    def _scalars_as_strings(cls, v: Any) -> Any:
+        """JSON numbers and booleans become librdkafka strings; null, objects and lists are refused by key."""
+        if not isinstance(v, dict):
+            return v  # the dict type check names the setting
+        converted = {k: _librdkafka_string(x) for k, x in v.items()}
+        bad = [f"{k} must be a string, number or boolean, not {_JSON_KINDS.get(type(x), type(x).__name__)}"
+               for k, x in v.items() if converted[k] is None]
+        if bad:
+            raise ValueError("; ".join(bad))
+        return converted
+
     @field_validator("consumer_config", "producer_config")
     @classmethod
     def _no_plain_secrets(cls, v: dict[str, str]) -> dict[str, str]:
         bad = [k for k in v if any(w in k.lower() for w in _SECRET_WORDS)]
         if bad:
             raise ValueError(f"put secrets in the dedicated SecretStr settings, not in pass-through keys {bad}")
+        return v
+
+    @field_validator("consumer_config", "producer_config")
+    @classmethod
+    def _no_guarded_keys(cls, v: dict[str, str]) -> dict[str, str]:
+        """Refuse keys that weaken at-least-once delivery or that the worker sets from its own settings."""
+        bad = [p for p in (_guard_problem(k, x) for k, x in v.items()) if p]
+        if bad:
+            raise ValueError("; ".join(bad))
         return v
 
     def to_env(self) -> dict[str, str]:
@@ -105,9 +207,16 @@ def load_settings(**overrides) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"FRAUD_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors(include_input=False)
-        )
+        problems = "; ".join(_problem(e, overrides) for e in exc.errors(include_input=False))
         raise SettingsError(f"invalid configuration: {problems}") from None
     except SourceError as exc:  # malformed JSON in a dict field; the message names the field, never the value
         raise SettingsError(f"invalid configuration: {exc}") from None
+
+
+def _problem(error: dict, overrides: dict) -> str:
+    """One validation error as `NAME: why`, NAME being what the user wrote."""
+    if error["type"] == "extra_forbidden":
+        # An unknown key reaches pydantic only from .env (or an override), under the exact name written there.
+        name = str(error["loc"][0])
+        return f"{name.upper()}: unknown setting{'' if name in overrides else ' in .env'}"
+    return f"FRAUD_{'_'.join(map(str, error['loc'])).upper()}: {error['msg'].removeprefix('Value error, ')}"
