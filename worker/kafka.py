@@ -246,8 +246,10 @@ class KafkaIO:
         common = {"error_cb": on_error}
         with _naming("producer", "FRAUD_PRODUCER_CONFIG"):
             self.producer = Producer({**producer_config(settings), **common})
-            # Records refused in a batch are retried here, one per produce request, to find the one refused.
-            self.single = Producer({**producer_config(settings), **common, "batch.num.messages": 1, "linger.ms": 0})
+        # Records refused in a batch are retried alone, one per produce request, to find the one refused; the
+        # producer for that is made on the first refusal.
+        self._single_config = {**producer_config(settings), **common, "batch.num.messages": 1, "linger.ms": 0}
+        self._single: Producer | None = None
         queued = int(producer_config(settings).get("queue.buffering.max.messages", 100_000))
         self._slots = DeliverySlots(max(queued, settings.batch_max_size) + 1)
         with _naming("consumer", "FRAUD_CONSUMER_CONFIG"):
@@ -317,7 +319,9 @@ class KafkaIO:
         Raises Refused when librdkafka refuses this record itself, KafkaFatal when the topic is unusable, and
         Interrupted when the worker stops or fails while waiting for room.
         """
-        producer = self.single if alone else self.producer
+        if alone and self._single is None:
+            self._single = Producer(self._single_config)
+        producer = self._single if alone else self.producer
         while True:
             try:
                 producer.produce(topic, value, key, on_delivery=on_delivery, headers=headers, timestamp=timestamp)
@@ -358,13 +362,16 @@ class KafkaIO:
     def serve_deliveries(self, timeout: float = 0) -> None:
         """Run pending delivery callbacks."""
         self.producer.poll(timeout)
-        self.single.poll(0)
+        if self._single is not None:
+            self._single.poll(0)
 
     def flush(self, timeout: float) -> int:
         """Wait for every queued record's acknowledgement; return how many are still outstanding."""
         deadline = time.monotonic() + timeout
         remaining = self.producer.flush(timeout)
-        return remaining + self.single.flush(max(0.0, deadline - time.monotonic()))
+        if self._single is not None:
+            remaining += self._single.flush(max(0.0, deadline - time.monotonic()))
+        return remaining
 
     def commit(self, positions: dict[TP, int], asynchronous: bool) -> None:
         """Commit the given next-offsets."""
