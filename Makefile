@@ -5,7 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 9092
 
-.PHONY: setup demo test test-all broker-start broker-stop model bench chaos clean
+REGISTRY_PORT ?= 8081
+
+.PHONY: setup demo demo-registry test test-all broker-start broker-stop model bench chaos clean
 
 setup: $(STAMP)
 
@@ -23,6 +25,12 @@ broker-stop: setup
 
 demo: broker-start
 	FRAUD_BOOTSTRAP_SERVERS=127.0.0.1:$(PORT) $(BIN)/fraud-worker demo
+
+# The same demo with a local Schema Registry (Apicurio): input and verdicts in the Confluent wire format.
+demo-registry: broker-start
+	$(BIN)/fraud-worker registry start --port $(REGISTRY_PORT)
+	FRAUD_BOOTSTRAP_SERVERS=127.0.0.1:$(PORT) FRAUD_SCHEMA_REGISTRY_URL=http://127.0.0.1:$(REGISTRY_PORT)/apis/ccompat/v7 \
+	  $(BIN)/fraud-worker demo
 
 test: setup
 	$(BIN)/python -m pytest

@@ -13,6 +13,8 @@ import pytest
 
 from worker.kafka import create_topics
 from worker.localbroker import BrokerError, LocalBroker, broker_home, checkout_dir, free_ports
+from worker.localregistry import LocalRegistry, RegistryError
+from worker.localregistry import answers as registry_answers
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +27,13 @@ HOW_TO_GET_A_BROKER = (
     "No Kafka broker for the tests. Set KAFKA_BOOTSTRAP_SERVERS to a reachable broker, or start Docker so "
     "testcontainers can run one, or install Java 17+ and Maven so the tests start the project's own broker "
     "(`fraud-worker broker start --port {port}` shows whether it can run)."
+)
+# Homes of local Schema Registries on ports chosen at run time; each holds the lock of the session that owns it.
+RUN_REGISTRIES = checkout_dir() / "var" / "test-registries"
+HOW_TO_GET_A_REGISTRY = (
+    "No Schema Registry for the tests. Set SCHEMA_REGISTRY_URL to a reachable one (Confluent API), or start Docker "
+    "so testcontainers can run Apicurio, or install Java 17 and Maven so the tests start the project's own registry "
+    "(`fraud-worker registry start --port 8081` shows whether it can run)."
 )
 _SESSION: dict[str, LocalBroker] = {}
 
@@ -121,6 +130,84 @@ def session_broker(kafka_bootstrap) -> LocalBroker:
         pytest.fail("this test checks the project's local broker; unset KAFKA_BOOTSTRAP_SERVERS and stop Docker "
                     "to run it", pytrace=False)
     return _SESSION["broker"]
+
+
+@pytest.fixture(scope="session")
+def schema_registry_url() -> str:
+    """A real Schema Registry: SCHEMA_REGISTRY_URL, else Apicurio in testcontainers, else the project's local one."""
+    if os.environ.get("SCHEMA_REGISTRY_URL"):
+        yield os.environ["SCHEMA_REGISTRY_URL"]
+        return
+    if _docker_answers():
+        yield from _container_registry()
+        return
+    registry, owner = _claim_run_registry()
+    started = False
+    try:
+        try:
+            url = registry.start()
+        except RegistryError as exc:
+            pytest.fail(f"{exc}. {HOW_TO_GET_A_REGISTRY}", pytrace=False)
+        started = True
+        yield url
+    finally:
+        if registry.launched:
+            registry.stop()
+        if started:  # after a failed start the home keeps the registry's log; the next session removes it
+            shutil.rmtree(registry.home, ignore_errors=True)
+        owner.close()
+
+
+def _container_registry():
+    """Apicurio Registry 3.0.9 in a container, global compatibility BACKWARD like the local one."""
+    import time
+
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+    from testcontainers.core.container import DockerContainer
+
+    with DockerContainer("apicurio/apicurio-registry:3.0.9").with_exposed_ports(8080) as container:
+        url = f"http://{container.get_container_host_ip()}:{container.get_exposed_port(8080)}/apis/ccompat/v7"
+        deadline = time.monotonic() + 120
+        while not registry_answers(url):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the Apicurio container did not answer on {url}. {HOW_TO_GET_A_REGISTRY}", pytrace=False)
+            time.sleep(0.5)
+        SchemaRegistryClient({"url": url}).set_compatibility(level="BACKWARD")
+        yield url
+
+
+def _claim_run_registry() -> tuple[LocalRegistry, IO]:
+    """A local registry on a port free now, its home locked by this session; first reaps registries of dead sessions."""
+    RUN_REGISTRIES.mkdir(parents=True, exist_ok=True)
+    with open(RUN_REGISTRIES / ".lock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        for home in RUN_REGISTRIES.iterdir():
+            if not (home.is_dir() and home.name.isdigit()):
+                continue
+            with open(home / "session.lock", "a") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live session owns it
+                LocalRegistry(port=int(home.name), home=home).stop(timeout=10)  # its session died before teardown
+                shutil.rmtree(home, ignore_errors=True)
+        while True:
+            port = free_ports(1)[0]
+            home = RUN_REGISTRIES / str(port)
+            if not home.exists():
+                break
+        home.mkdir()
+        owner = open(home / "session.lock", "w")
+        fcntl.flock(owner, fcntl.LOCK_EX)  # held until this session ends, however it ends
+    return LocalRegistry(port=port, home=home), owner
+
+
+@pytest.fixture
+def registry_client(schema_registry_url):
+    """A confluent-kafka SchemaRegistryClient for the session's registry."""
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    return SchemaRegistryClient({"url": schema_registry_url})
 
 
 @pytest.fixture

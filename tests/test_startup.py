@@ -153,4 +153,18 @@ def test_check_fails_for_a_wrong_security_protocol(protocol, settings_for):
         env |= {"FRAUD_SASL_MECHANISM": "SCRAM-SHA-512", "FRAUD_SASL_USERNAME": "u", "FRAUD_SASL_PASSWORD": SECRET}
     done = _command("check", env)
     line = _one_line(done)
-    assert "Kafka" in line and SECRET not in done.stderr + done.stdout
+    assert ("TLS with Kafka failed" if protocol.endswith("SSL") else "authentication failed") in line, line
+    assert SECRET not in done.stderr + done.stdout
+
+
+@pytest.mark.kafka
+def test_unreachable_schema_registry_is_one_line_and_exit_2(settings_for):
+    """A configured registry that does not answer stops `run` and `check` with one line naming it, never the password."""
+    s = settings_for(partitions=1)
+    env = {**s.to_env(), "FRAUD_SCHEMA_REGISTRY_URL": "http://127.0.0.1:1/apis/ccompat/v7",
+           "FRAUD_SCHEMA_REGISTRY_USERNAME": "u", "FRAUD_SCHEMA_REGISTRY_PASSWORD": SECRET, "FRAUD_STARTUP_TIMEOUT_S": "2"}
+    for command in ("run", "check"):
+        done = _command(command, env)
+        assert "Schema Registry at http://127.0.0.1:1" in _one_line(done)
+        assert SECRET not in done.stderr + done.stdout
+    assert committed_offsets(s) == {0: -1001}

@@ -11,6 +11,7 @@ from functools import partial
 from confluent_kafka import KafkaError, KafkaException
 
 from .codec import Codec
+from .recordcodec import RecordCodec, input_codec
 from .kafka import (
     RECORD_ERRORS, ConfigError, Interrupted, KafkaFatal, KafkaIO, Refused, TopicWatch, client_config, describe_topics,
 )
@@ -18,6 +19,7 @@ from .logs import FirstSeen, get_logger
 from .metrics import Health, Metrics
 from .offsets import OffsetTracker, Slice
 from .offsets import TopicPartition as TP
+from .registry import FramedInput, RegistryUnavailable, connect, frame, register
 from .records import BatchOutcome, DeadLetter, Message, Stage, adjusted_dead_letter, dead_letter_headers
 from .scoring import Scorer, score_batch
 from .settings import Settings
@@ -27,6 +29,8 @@ _LAG_INTERVAL_S = 5.0
 _POLL_BLOCK_S = 0.5
 # Each client (consumer, producers) reports the same broker error on every reconnect; say it once per window.
 _REPEAT_QUIET_S = 30.0
+# Retries of a batch whose writer schema could not be fetched: first wait, longest wait (seconds).
+_REGISTRY_BACKOFF_S = (1.0, 30.0)
 
 
 class _Ticket:
@@ -73,14 +77,14 @@ class Worker:
         self,
         settings: Settings,
         scorer: Scorer,
-        codec: Codec | None = None,
+        codec: Codec | RecordCodec | None = None,
         stop: threading.Event | None = None,
         metrics: Metrics | None = None,
         health: Health | None = None,
     ):
         self.settings = settings
         self.scorer = scorer
-        self.codec = codec or Codec(max_message_bytes=settings.max_message_bytes)
+        self.codec = codec or input_codec(settings.input_schema, scorer.manifest, settings.max_message_bytes)
         self.stop = stop or threading.Event()
         self.metrics = metrics or Metrics()
         self.health = health or Health(settings.health_timeout_s)
@@ -94,6 +98,9 @@ class Worker:
         self._revocations = 0
         self._stop_deadline: float | None = None
         self._input_topic_id: str | None = None
+        self.framed: FramedInput | None = None
+        self._registry_retry_at = 0.0  # when a batch held for an unreachable registry is fetched again
+        self._registry_backoff = _REGISTRY_BACKOFF_S[0]
         self._not_yet_back: set[TP] | None = None  # input partitions not yet reset since the topic went missing
         self.kafka: KafkaIO | None = None
         m = scorer.manifest
@@ -115,6 +122,30 @@ class Worker:
                 raise StartupError(str(exc)) from None
         if not offline:
             self.check_topics()
+            if self.settings.registry_config():
+                self._connect_registry()
+
+    def _connect_registry(self) -> None:
+        """Register the verdict schema under `<verdict topic>-value`; verdicts then carry its id (wire format)."""
+        s = self.settings
+        client = connect(s.registry_config())
+        subject = f"{s.verdict_topic}-value"
+        deadline = time.monotonic() + s.startup_timeout_s
+        while True:
+            try:
+                verdict_id = register(client, subject, self.codec.verdict_avsc)
+                break
+            except RegistryUnavailable as exc:
+                if time.monotonic() >= deadline or self.stop.is_set():
+                    raise StartupError(f"Schema Registry at {s.schema_registry_url} did not answer within "
+                                       f"{s.startup_timeout_s:g}s: {exc}") from None
+                time.sleep(0.5)
+            except Exception as exc:
+                raise StartupError(f"cannot register the verdict schema under {subject}: {exc}") from None
+        self.codec.verdict_prefix = frame(verdict_id)
+        self.framed = FramedInput(client, self.codec.transaction_schema, self.codec.transaction_logical_types)
+        self.health.registry_reachable = True
+        log.info("schema_registry_connected", verdict_subject=subject, verdict_schema_id=verdict_id)
 
     def check_topics(self) -> None:
         """Fail start-up with one clear line if the broker is unreachable or a topic is missing."""
@@ -158,6 +189,9 @@ class Worker:
         try:
             while not self.stop.is_set() and self.fatal is None:
                 self.health.beat()
+                if self._registry_retry_at and time.monotonic() >= self._registry_retry_at:
+                    self._registry_retry_at = 0.0
+                    self.kafka.release()
                 revocations = self._revocations
                 msgs = self.kafka.poll_batch(self._batch_limit, s.batch_max_wait_ms / 1000.0, _POLL_BLOCK_S)
                 if revocations != self._revocations:
@@ -221,7 +255,18 @@ class Worker:
 
     def _process(self, msgs: list[Message]) -> float:
         t0 = time.perf_counter()
-        outcome = score_batch(msgs, self.scorer, self.codec, int(time.time() * 1000))
+        bodies = None
+        if self.framed is not None:
+            try:
+                bodies = self.framed.bodies([m.value() for m in msgs])
+            except RegistryUnavailable as exc:
+                self._hold_for_registry(msgs, str(exc))
+                return 0.0
+            if not self.health.registry_reachable:
+                self.health.registry_reachable = True
+                self._registry_backoff = _REGISTRY_BACKOFF_S[0]
+                log.info("schema_registry_available")
+        outcome = score_batch(msgs, self.scorer, self.codec, int(time.time() * 1000), bodies)
         first: dict[int, int] = {}
         last: dict[int, int] = {}
         for m in msgs:
@@ -247,6 +292,16 @@ class Worker:
         log.info("batch_scored", size=len(msgs), verdicts=len(outcome.scored),
                  dead_letters=len(outcome.dead_letters), ms=round(seconds * 1000, 2))
         return seconds
+
+    def _hold_for_registry(self, msgs: list[Message], error: str) -> None:
+        """Put the batch back (seek to its first offsets), pause the partitions, and fetch it again after a backoff."""
+        self.kafka.hold(msgs)
+        if self.health.registry_reachable:
+            log.error("schema_registry_unavailable", error=error,
+                      detail="input is paused; nothing is dead-lettered or committed past it")
+        self.health.registry_reachable = False
+        self._registry_retry_at = time.monotonic() + self._registry_backoff
+        self._registry_backoff = min(self._registry_backoff * 2, _REGISTRY_BACKOFF_S[1])
 
     def _produce_dead_letter(self, ticket: _Ticket, dl: DeadLetter, step: _Step, refusal: str = "") -> None:
         """Send a dead letter; a refused one is retried alone, then adjusted (see records.adjusted_dead_letter)."""
@@ -418,7 +473,7 @@ class Worker:
         if code in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED):
             self._auth_error = f"Kafka authentication failed: {err.str()}"
             self._fail(self._auth_error)
-        elif code == KafkaError._SSL and not self.health.broker_reachable:
+        elif not self.health.broker_reachable and (code == KafkaError._SSL or "SSL handshake failed" in err.str()):
             # At start-up a TLS failure is a configuration error (wrong protocol, CA or certificate), not an outage.
             self._auth_error = f"TLS with Kafka failed: {err.str()}"
         elif err.fatal():

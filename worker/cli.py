@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=9092,
                    help="the broker's port (default 9092); its pid file, data and log are this checkout's "
                         "var/broker-PORT, so stop and status only see the broker this checkout started")
+    p = sub.add_parser("registry", help="manage the local Schema Registry (Apicurio, Confluent API; no Docker)")
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--port", type=int, default=8081,
+                   help="the registry's port (default 8081); its pid file and log are this checkout's "
+                        "var/registry-PORT; schemas are kept in memory and lost when it stops")
     p = sub.add_parser("demo", help="end to end on a broker: topics, worker, traffic, verdicts, summary")
     p.add_argument("--count", type=int, default=50_000)
     p.add_argument("--rate", type=float, default=5_000.0, help="transactions per second")
@@ -102,8 +107,10 @@ def _run(args) -> int:
 
 def _load_scorer(settings):
     from .model import OnnxScorer
+    from .recordcodec import load_input_schema
 
-    return OnnxScorer.load(settings.model_manifest, settings.model_file, threads=settings.onnx_threads)
+    return OnnxScorer.load(settings.model_manifest, settings.model_file, threads=settings.onnx_threads,
+                           schema=load_input_schema(settings.input_schema))
 
 
 def _check(args) -> int:
@@ -158,9 +165,20 @@ def _produce(args) -> int:
     else:
         txns = traffic.generated(args.count, seed=args.seed)
     producer = plain_producer(client_config(s))
-    sent = traffic.produce(producer, s.input_topic, txns, rate=args.rate)
+    sent = traffic.produce(producer, s.input_topic, txns, rate=args.rate, prefix=_input_prefix(s))
     print(json.dumps({"produced": sent, "topic": s.input_topic}))
     return 0
+
+
+def _input_prefix(s) -> bytes:
+    from .codec import Codec
+    from .registry import RegistryUnavailable, input_prefix
+
+    try:
+        schema = json.loads(s.input_schema.read_text()) if s.input_schema else Codec().transaction_avsc
+        return input_prefix(s.registry_config(), s.input_topic, schema)
+    except RegistryUnavailable as exc:
+        raise StartupFailure(f"Schema Registry at {s.schema_registry_url} did not answer: {exc}") from None
 
 
 def _verdicts(args) -> int:
@@ -196,6 +214,27 @@ def _broker(args) -> int:
     return 0
 
 
+def _registry(args) -> int:
+    from .localregistry import LocalRegistry, RegistryError, answers, registry_home
+
+    registry = LocalRegistry(port=args.port, home=registry_home(args.port))
+    try:
+        if args.action == "start":
+            print(json.dumps({"url": registry.start(), "log": str(registry.log_file)}))
+        elif args.action == "stop":
+            pid = registry.stop()
+            out = {"stopped": pid is not None, "pid": pid, "port": args.port, "home": str(registry.home)}
+            if pid is None and answers(registry.url, timeout=2):
+                out["note"] = f"a registry this checkout did not start answers on port {args.port}; left running"
+            print(json.dumps(out))
+        else:
+            print(json.dumps({"running": registry.running(), "pid": registry.pid(), "url": registry.url,
+                              "home": str(registry.home)}))
+    except RegistryError as exc:
+        raise StartupFailure(str(exc)) from None
+    return 0
+
+
 def _demo(args) -> int:
     from .demo import run_demo
 
@@ -221,6 +260,7 @@ _COMMANDS = {
     "produce": _produce,
     "verdicts": _verdicts,
     "broker": _broker,
+    "registry": _registry,
     "demo": _demo,
 }
 

@@ -30,7 +30,7 @@ TRANSACTION_LAYOUT = [("transaction_id", "string"), ("card_id", "string"), ("amo
 VERDICT_LAYOUT = [("transaction_id", "string"), ("card_id", "string"), ("fraud_probability", "double"),
                   ("is_fraud", "boolean"), ("decision", "enum"), ("review_threshold", "double"),
                   ("decline_threshold", "double"), ("model_name", "string"), ("model_version", "string"),
-                  ("event_time", "long"), ("scored_at", "long")]
+                  ("event_time", "long"), ("scored_at", "long"), ("attributes", "map")]
 # The fixed-width parts of a transaction (amount, then the three doubles and four booleans after event_time).
 _FIXED = np.dtype([(name, "<f8") for name in _DOUBLES] + [(name, "u1") for name in _BOOLEANS])
 _TAIL_BYTES = 3 * 8 + 4
@@ -59,6 +59,12 @@ def load_schema(name: str, schema_dir: Path = SCHEMA_DIR) -> dict:
         if isinstance(f["type"], dict) and f["type"].get("logicalType") == "timestamp-millis":
             f["type"] = "long"
     return fastavro.parse_schema(raw)
+
+
+def logical_types(schema: dict) -> dict[str, str | None]:
+    """Each top-level field's logicalType (None for none)."""
+    return {f["name"]: f["type"].get("logicalType") if isinstance(f["type"], dict) else None
+            for f in schema.get("fields", [])}
 
 
 def _layout(schema: dict) -> list[tuple[str, str]]:
@@ -127,6 +133,11 @@ class Codec:
             if _layout(schema) != layout:
                 raise ValueError(f"schemas/{name}.avsc no longer matches the layout worker/codec.py is written for")
         self.max_message_bytes = max_message_bytes
+        self.verdict_prefix = b""
+        # The schemas as written (logical types included), for a Schema Registry.
+        self.transaction_avsc, self.verdict_avsc = (json.loads((schema_dir / f"{n}.avsc").read_text())
+                                                    for n in ("transaction", "verdict"))
+        self.transaction_logical_types = logical_types(self.transaction_avsc)
 
     def decode_batch(self, values: Sequence[bytes | None]) -> tuple[TransactionBatch, dict[int, DecodeError]]:
         """Decode every value; return the decoded ones as columns and a DecodeError for each of the others."""
@@ -211,6 +222,21 @@ class Codec:
         head = len(tid) + len(cid)
         return len(tid), head, et, head + 8 + len(time), tid + cid + value[id_end:id_end + 8] + time + value[et_end:]
 
+    @staticmethod
+    def validation_errors(batch: TransactionBatch) -> dict[int, ValidationError]:
+        """See validation_errors()."""
+        return validation_errors(batch)
+
+    @staticmethod
+    def features(batch: TransactionBatch, manifest) -> tuple[np.ndarray, dict]:
+        """The model's input matrix for the batch (every value is already validated)."""
+        return manifest.matrix(batch.column, len(batch)), {}
+
+    @staticmethod
+    def identity(batch: TransactionBatch, i: int) -> tuple[str, str, int]:
+        """Row i's transaction_id, card_id and event time (epoch ms)."""
+        return *batch.ids(i), int(batch.event_times[i])
+
     def decode_transaction(self, value: bytes | None) -> Transaction:
         """Decode one message value; raise DecodeError with a reason on any failure."""
         batch, errors = self.decode_batch([value])
@@ -220,16 +246,20 @@ class Codec:
 
     def encode_verdicts(self, batch: TransactionBatch, probabilities: np.ndarray, decisions: np.ndarray,
                         thresholds: tuple[float, float], model: tuple[str, str], scored_at: int) -> list[bytes]:
-        """Encode one verdict per row, copying the input's Avro bytes for the ids and the event time."""
+        """Encode one verdict per row, copying the input's Avro bytes for the ids and the event time.
+
+        Each starts with `verdict_prefix` (the 5-byte wire-format header when a Schema Registry is used).
+        """
         review, decline = thresholds
         middle = _DOUBLE.pack(review) + _DOUBLE.pack(decline) + _string(model[0]) + _string(model[1])
         # is_fraud (a boolean byte) and the decision (an enum index, zig-zag encoded) for APPROVE, REVIEW, DECLINE.
         flags = (b"\x00\x00" + middle, b"\x00\x02" + middle, b"\x01\x04" + middle)
-        scored = _long(scored_at)
+        scored = _long(scored_at) + b"\x00"  # and an empty `attributes` map
         raw = batch.buf.tobytes() if len(batch) else b""
         pack = _DOUBLE.pack
         time_starts = (batch.id_ends + 8).tolist()
-        return [raw[s:k] + pack(p) + flags[d] + raw[t:e] + scored
+        prefix = self.verdict_prefix
+        return [prefix + raw[s:k] + pack(p) + flags[d] + raw[t:e] + scored
                 for s, k, t, e, p, d in zip(batch.starts.tolist(), batch.id_ends.tolist(), time_starts,
                                             batch.time_ends.tolist(), probabilities.tolist(), decisions.tolist())]
 
@@ -247,8 +277,23 @@ class Codec:
         return buf.getvalue()
 
     def decode_verdict(self, value: bytes) -> dict:
-        """Decode a Verdict (used by readers of the verdict topic)."""
-        return fastavro.schemaless_reader(io.BytesIO(value), self.verdict_schema, None)
+        """Decode a Verdict, plain or in the wire format (used by readers of the verdict topic)."""
+        return read_verdict(value, self.verdict_schema)
+
+
+def read_verdict(value: bytes, schema: dict) -> dict:
+    """A verdict, plain or after a 5-byte wire-format header: a plain one whose transaction_id is empty also starts
+    with the byte 0, so the header is taken as such only when the rest is exactly one verdict."""
+    if value[:1] == b"\x00" and len(value) > 5:
+        body = io.BytesIO(value)
+        body.seek(5)
+        try:
+            verdict = fastavro.schemaless_reader(body, schema, None)
+            if body.tell() == len(value):
+                return verdict
+        except Exception:
+            pass  # not framed after all
+    return fastavro.schemaless_reader(io.BytesIO(value), schema, None)
 
 
 def validation_errors(batch: TransactionBatch) -> dict[int, ValidationError]:

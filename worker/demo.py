@@ -13,6 +13,7 @@ import numpy as np
 from . import traffic
 from .codec import Codec
 from .kafka import client_config, create_topics, end_offsets, iter_topic, plain_producer
+from .registry import input_prefix
 from .replica import Replica
 from .settings import Settings, load_settings
 
@@ -42,8 +43,10 @@ def run_demo(count: int, rate: float) -> int:
         return 1
     started = time.time()
     producer = plain_producer(client_config(settings))
+    prefix = input_prefix(settings.registry_config(), settings.input_topic, Codec().transaction_avsc)
     sender = threading.Thread(
-        target=traffic.produce, args=(producer, settings.input_topic, traffic.generated(count, prefix=f"demo-{run}"), rate)
+        target=traffic.produce, args=(producer, settings.input_topic, traffic.generated(count, prefix=f"demo-{run}"), rate),
+        kwargs={"prefix": prefix},
     )
     sender.start()
     seen: set[str] = set()
@@ -68,7 +71,7 @@ def run_demo(count: int, rate: float) -> int:
     ms = np.percentile(np.array(latencies) * 1000.0, [50, 99]) if latencies else [float("nan")] * 2
     span = (last - started) if last else float("nan")
     rows = [
-        ("transactions produced", f"{count:,}"),
+        ("transactions produced", f"{count:,} ({'Schema Registry wire format' if prefix else 'plain Avro'})"),
         ("verdicts (unique)", f"{len(seen):,}"),
         ("duplicate verdicts", f"{duplicates:,}"),
         ("dead letters", f"{dead:,}"),

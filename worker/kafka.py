@@ -300,6 +300,23 @@ class KafkaIO:
                     pass  # not fetching yet: librdkafka resets an out-of-range position to the earliest
         return done
 
+    def hold(self, msgs: list[Message]) -> None:
+        """Pause every assigned partition and seek those of `msgs` back to their first offset there."""
+        self.consumer.pause(self.consumer.assignment())
+        first: dict[tuple[str, int], int] = {}
+        for m in msgs:
+            first.setdefault((m.topic(), m.partition()), m.offset())
+        for (topic, partition), offset in first.items():
+            try:
+                self.consumer.seek(TopicPartition(topic, partition, offset))
+            except KafkaException as exc:
+                # Going on would skip these records.
+                raise KafkaFatal(f"cannot seek {topic}[{partition}] back to {offset}: {exc.args[0].str()}") from None
+
+    def release(self) -> None:
+        """Resume every assigned partition."""
+        self.consumer.resume(self.consumer.assignment())
+
     def max_poll_interval_s(self) -> float:
         """How long the loop may spend between polls before the group evicts this member."""
         return int(consumer_config(self.settings).get("max.poll.interval.ms", 300_000)) / 1000.0

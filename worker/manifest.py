@@ -8,12 +8,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .records import Transaction
 
 TRANSACTION_FIELDS = {name: tp for name, tp in Transaction.__annotations__.items()}
 _NUMERIC = {"float", "bool", "int"}
+_TIMESTAMP_TRANSFORMS = {"hour_of_day", "day_of_week"}
+_MS_PER_HOUR, _MS_PER_DAY = 3_600_000, 86_400_000
+# 1970-01-01 was a Thursday: with Monday = 0, day 0 of the epoch is 3.
+_EPOCH_WEEKDAY = 3
 
 
 class ManifestError(ValueError):
@@ -21,20 +27,23 @@ class ManifestError(ValueError):
 
 
 class Feature(BaseModel):
-    """One model input column: a Transaction field, standardised as (x - mean) / scale."""
+    """One model input column: a field (a dotted path into nested records), transformed, clipped, standardised.
+
+    In order: `transform` is `number` (booleans 0/1, decimals as floats, timestamps as epoch ms), `log1p`,
+    `hour_of_day` / `day_of_week` (UTC, Monday = 0) of a timestamp, or `lookup` of the value's text in `table`
+    (else `default`); a null or absent value instead becomes `missing` (when given; else the record is a `validate`
+    dead letter); then `clip` to [lo, hi]; then (x - mean) / scale. examples/bank/train.py computes the same.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    source: str
+    source: str = Field(min_length=1)
+    transform: Literal["number", "log1p", "hour_of_day", "day_of_week", "lookup"] = "number"
+    table: dict[str, float] | None = None
+    default: float | None = None
+    clip: tuple[float, float] | None = None
+    missing: float | None = None
     mean: float = 0.0
     scale: float = 1.0
-
-    @field_validator("source")
-    @classmethod
-    def _known_numeric_field(cls, v: str) -> str:
-        if TRANSACTION_FIELDS.get(v) not in _NUMERIC:
-            numeric = sorted(k for k, t in TRANSACTION_FIELDS.items() if t in _NUMERIC)
-            raise ValueError(f"unknown feature source field {v!r}; numeric Transaction fields are {numeric}")
-        return v
 
     @field_validator("scale")
     @classmethod
@@ -42,6 +51,34 @@ class Feature(BaseModel):
         if v == 0 or not np.isfinite(v):
             raise ValueError("scale must be finite and non-zero")
         return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Feature:
+        if (self.transform == "lookup") != (self.table is not None and self.default is not None):
+            raise ValueError(f"{self.source}: a lookup needs `table` and `default`, and only a lookup has them")
+        if self.clip is not None and not self.clip[0] <= self.clip[1]:
+            raise ValueError(f"{self.source}: clip must be [lo, hi] with lo <= hi")
+        return self
+
+    def from_numbers(self, x: np.ndarray) -> np.ndarray:
+        """The transform of a float64 column (timestamps in epoch milliseconds); not yet clipped or standardised."""
+        if self.transform == "log1p":
+            with np.errstate(invalid="ignore", divide="ignore"):
+                x = np.log1p(x)
+        elif self.transform == "hour_of_day":
+            x = np.floor_divide(x, _MS_PER_HOUR) % 24
+        elif self.transform == "day_of_week":
+            x = (np.floor_divide(x, _MS_PER_DAY) + _EPOCH_WEEKDAY) % 7
+        return x
+
+    def from_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """The lookup of each text in `table` (else `default`); not yet clipped or standardised."""
+        table, default = self.table or {}, self.default
+        return np.fromiter((table.get(t, default) for t in texts), dtype=np.float64, count=len(texts))
+
+    def clipped(self, x: np.ndarray) -> np.ndarray:
+        """`x` clipped to `clip`, if the feature has one."""
+        return np.clip(x, *self.clip) if self.clip is not None else x
 
 
 class Thresholds(BaseModel):
@@ -70,12 +107,16 @@ class Manifest(BaseModel):
     output: str
     output_column: int = Field(default=0, ge=0)
     features: list[Feature] = Field(min_length=1)
+    id_field: str = Field("transaction_id", min_length=1, description="The record's id, copied into the verdict.")
+    card_field: str = Field("card_id", min_length=1, description="The card's id, copied into the verdict.")
+    event_time_field: str = Field("event_time", min_length=1, description="The event time, copied into the verdict.")
+    copy_fields: list[str] = Field(default_factory=list, description="Input fields copied into verdict attributes.")
     thresholds: Thresholds
     path: Path | None = Field(default=None, exclude=True)
 
     @classmethod
-    def load(cls, path: str | Path) -> Manifest:
-        """Read and validate a manifest file; raise ManifestError with one clear line."""
+    def load(cls, path: str | Path, schema: dict | None = None) -> Manifest:
+        """Read and validate a manifest file against the input schema (None: ours); raise ManifestError in one line."""
         path = Path(path)
         try:
             data = json.loads(path.read_text())
@@ -84,9 +125,45 @@ class Manifest(BaseModel):
         except (OSError, ValueError) as exc:  # ValueError covers JSONDecodeError and UnicodeDecodeError
             raise ManifestError(f"model manifest {path} is not readable JSON: {exc}") from None
         try:
-            return cls(**data, path=path.resolve())
+            manifest = cls(**data, path=path.resolve())
         except (TypeError, ValidationError) as exc:
             raise ManifestError(f"model manifest {path} is invalid: {_one_line(exc)}") from None
+        problem = manifest.problem_with(schema)
+        if problem:
+            raise ManifestError(f"model manifest {path} is invalid: {problem}")
+        return manifest
+
+    def problem_with(self, schema: dict | None) -> str | None:
+        """Why the manifest's fields do not fit the input schema (None: schemas/transaction.avsc), or None."""
+        if schema is None:
+            return self._problem_with_transactions()
+        fields = [("id_field", self.id_field, {"string"}), ("card_field", self.card_field, {"string"}),
+                  ("event_time_field", self.event_time_field, {"timestamp", "long"})]
+        for key, path, kinds in fields:
+            kind = field_kind(schema, path)
+            if kind is None or kind.lstrip("?") not in kinds:
+                return f"{key} {path!r} must name a {' or '.join(sorted(kinds))} field of {schema.get('name')}, not {kind}"
+        for path in self.copy_fields:
+            if field_kind(schema, path) is None:
+                return f"copy_fields: {path!r} is not a field of {schema.get('name')}"
+        for f in self.features:
+            kind = field_kind(schema, f.source)
+            if kind is None:
+                return f"unknown feature source field {f.source!r} in {schema.get('name')}"
+            wanted = _KINDS_FOR[f.transform]
+            if kind.lstrip("?") not in wanted:
+                return f"feature {f.source!r}: {f.transform} needs a {'/'.join(sorted(wanted))} field, not {kind.lstrip('?')}"
+        return None
+
+    def _problem_with_transactions(self) -> str | None:
+        for f in self.features:
+            kind = TRANSACTION_FIELDS.get(f.source)
+            if kind not in _NUMERIC:
+                numeric = sorted(k for k, t in TRANSACTION_FIELDS.items() if t in _NUMERIC)
+                return f"unknown feature source field {f.source!r}; numeric Transaction fields are {numeric}"
+            if f.transform == "lookup" or (f.transform in _TIMESTAMP_TRANSFORMS and f.source != "event_time"):
+                return f"feature {f.source!r}: {f.transform} does not apply to a {kind} field"
+        return None
 
     def model_path(self, override: str | Path | None = None) -> Path:
         """The .onnx file, relative to the manifest unless overridden."""
@@ -114,10 +191,14 @@ class Manifest(BaseModel):
         )
 
     def matrix(self, column: Callable[[str], np.ndarray], n: int) -> np.ndarray:
-        """Build the float32 input matrix from columns: booleans as 0/1, standardised in float64, then cast."""
+        """Build the float32 input matrix from numeric columns (booleans as 0/1): transformed, standardised, cast."""
+        return self.standardised([f.clipped(f.from_numbers(column(f.source))) for f in self.features], n)
+
+    def standardised(self, columns: Sequence[np.ndarray], n: int) -> np.ndarray:
+        """The transformed columns as the float32 input matrix, standardised in float64 with each mean and scale."""
         x = np.empty((n, len(self.features)), dtype=np.float64)
-        for j, feat in enumerate(self.features):
-            x[:, j] = column(feat.source)
+        for j, values in enumerate(columns):
+            x[:, j] = values
         x -= self._means
         x /= self._scales
         return x.astype(np.float32)
@@ -129,6 +210,48 @@ class Manifest(BaseModel):
     @property
     def _scales(self) -> np.ndarray:
         return np.array([f.scale for f in self.features], dtype=np.float64)
+
+
+_KINDS_FOR = {
+    "number": {"int", "long", "float", "double", "boolean", "decimal", "timestamp"},
+    "log1p": {"int", "long", "float", "double", "decimal"},
+    "hour_of_day": {"timestamp", "long"},
+    "day_of_week": {"timestamp", "long"},
+    "lookup": {"string", "enum", "int", "long", "boolean"},
+}
+
+
+def field_kind(schema: dict, path: str) -> str | None:
+    """The kind of the field at a dotted path of an Avro record schema (int, long, float, double, boolean, string,
+    enum, decimal, timestamp, bytes, fixed, record, array, map), prefixed by "?" when null is allowed on the way;
+    None when there is no such field."""
+    node, nullable = schema, False
+    for name in path.split("."):
+        if not isinstance(node, dict) or node.get("type") != "record":
+            return None
+        field = next((f for f in node["fields"] if f["name"] == name), None)
+        if field is None:
+            return None
+        node = field["type"]
+        if isinstance(node, list):
+            branches = [b for b in node if b != "null"]
+            nullable = nullable or len(branches) < len(node)
+            if len(branches) != 1:
+                return None  # a union of several types has no single kind
+            node = branches[0]
+    kind = _kind(node)
+    return f"?{kind}" if nullable else kind
+
+
+def _kind(node) -> str:
+    if isinstance(node, str):
+        return node
+    logical = node.get("logicalType")
+    if logical == "decimal":
+        return "decimal"
+    if logical in ("timestamp-millis", "timestamp-micros", "local-timestamp-millis", "local-timestamp-micros"):
+        return "timestamp"
+    return node["type"] if isinstance(node["type"], str) else _kind(node["type"])
 
 
 def _one_line(exc: Exception) -> str:

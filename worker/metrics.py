@@ -94,6 +94,7 @@ class Health:
         self.in_group = False
         self.broker_reachable = False
         self.input_topic_present = True
+        self.registry_reachable = True  # stays true without a Schema Registry
 
     def beat(self) -> None:
         """The loop went round once."""
@@ -107,7 +108,7 @@ class Health:
     def ready(self) -> tuple[bool, dict]:
         """Whether this worker can score now."""
         state = {"model_loaded": self.model_loaded, "in_group": self.in_group, "broker_reachable": self.broker_reachable,
-                 "input_topic_present": self.input_topic_present}
+                 "input_topic_present": self.input_topic_present, "registry_reachable": self.registry_reachable}
         return all(state.values()) and self.live()[0], state
 
 

@@ -19,9 +19,11 @@ class OnnxScorer:
         self._outputs = [manifest.output]
 
     @classmethod
-    def load(cls, manifest_path: str | Path, model_file: str | Path | None = None, threads: int = 1) -> OnnxScorer:
-        """Load and check a model by its manifest; raise ManifestError with one clear line."""
-        manifest = Manifest.load(manifest_path)
+    def load(cls, manifest_path: str | Path, model_file: str | Path | None = None, threads: int = 1,
+             schema: dict | None = None) -> OnnxScorer:
+        """Load and check a model by its manifest, for input records of `schema` (None: schemas/transaction.avsc);
+        raise ManifestError with one clear line."""
+        manifest = Manifest.load(manifest_path, schema)
         blob = manifest.read_model_bytes(model_file)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads

@@ -97,6 +97,7 @@ class Verdict:
     model_version: str
     event_time: int
     scored_at: int
+    attributes: dict[str, str] = field(default_factory=dict)
 
 
 class Stage(str, Enum):

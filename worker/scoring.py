@@ -7,8 +7,9 @@ from typing import Protocol
 
 import numpy as np
 
-from .codec import Codec, TransactionBatch, decision_codes, decision_of, validation_errors
+from .codec import Codec, decision_codes, decision_of
 from .manifest import Manifest
+from .recordcodec import RecordCodec
 from .records import BatchOutcome, DeadLetter, Decision, Message, Stage, Transaction, Verdict
 
 
@@ -20,25 +21,32 @@ class Scorer(Protocol):
     def predict(self, matrix: np.ndarray) -> np.ndarray: ...
 
 
-def score_batch(messages: Sequence[Message], scorer: Scorer, codec: Codec, now_ms: int) -> BatchOutcome:
-    """Score a batch with one model call; every message ends as exactly one verdict or one dead letter."""
+def score_batch(messages: Sequence[Message], scorer: Scorer, codec: Codec | RecordCodec, now_ms: int,
+                bodies: Sequence[bytes | None | Exception] | None = None) -> BatchOutcome:
+    """Score a batch with one model call; every message ends as exactly one verdict or one dead letter.
+
+    `bodies` replaces the message values (for example without their wire-format header); an exception in it makes
+    that message a `deserialize` dead letter with the exception's message.
+    """
     outcome = BatchOutcome()
-    batch, decode_errors = codec.decode_batch([m.value() for m in messages])
+    values = [m.value() for m in messages] if bodies is None else bodies
+    unread = {i: v for i, v in enumerate(values) if isinstance(v, Exception)}
+    if unread:
+        values = [None if i in unread else v for i, v in enumerate(values)]
+    batch, decode_errors = codec.decode_batch(values)
+    decode_errors.update(unread)
     for i, exc in decode_errors.items():
         outcome.dead_letters.append(DeadLetter(messages[i], Stage.DESERIALIZE, type(exc).__name__, str(exc)))
-    invalid = validation_errors(batch)
-    for pos, exc in invalid.items():
-        outcome.dead_letters.append(DeadLetter(messages[batch.rows[pos]], Stage.VALIDATE, type(exc).__name__, str(exc)))
-    if invalid:
-        batch = batch.take([pos for pos in range(len(batch)) if pos not in invalid])
+    batch, _ = _without(outcome, messages, batch, None, codec.validation_errors(batch), Stage.VALIDATE)
     if not len(batch):
         return outcome
-    probs, failures = _predict(scorer, batch)
-    for pos, (error_class, message) in failures.items():
-        outcome.dead_letters.append(DeadLetter(messages[batch.rows[pos]], Stage.SCORE, error_class, message))
-    if failures:
-        keep = [pos for pos in range(len(batch)) if pos not in failures]
-        batch, probs = batch.take(keep), probs[keep]
+    matrix, invalid = codec.features(batch, scorer.manifest)
+    batch, matrix = _without(outcome, messages, batch, matrix, invalid, Stage.VALIDATE)
+    if not len(batch):
+        return outcome
+    probs, failures = _predict(scorer, matrix)
+    batch, keep = _without(outcome, messages, batch, np.arange(len(batch)), failures, Stage.SCORE)
+    probs = probs[keep]
     t = scorer.manifest.thresholds
     decisions = decision_codes(probs, t.review, t.decline)
     outcome.scored = [messages[i] for i in batch.rows]
@@ -46,23 +54,36 @@ def score_batch(messages: Sequence[Message], scorer: Scorer, codec: Codec, now_m
                                             (scorer.manifest.name, scorer.manifest.version), now_ms)
     outcome.decisions = decisions
     outcome.event_times = batch.event_times
-    outcome.typed = lambda: [_verdict(batch.transaction(i), float(p), decision_of(d), scorer.manifest, now_ms)
+    outcome.typed = lambda: [_verdict(*codec.identity(batch, i), float(p), decision_of(d), scorer.manifest, now_ms)
                              for i, (p, d) in enumerate(zip(probs.tolist(), decisions.tolist()))]
     return outcome
+
+
+def _without(outcome: BatchOutcome, messages: Sequence[Message], batch, rows: np.ndarray | None,
+             errors: dict[int, Exception], stage: Stage):
+    """Dead-letter the batch positions in `errors` at `stage`; return the batch and `rows` without them."""
+    if not errors:
+        return batch, rows
+    for pos, exc in errors.items():
+        error_class = exc.error_class if isinstance(exc, _Failure) else type(exc).__name__
+        outcome.dead_letters.append(DeadLetter(messages[batch.rows[pos]], stage, error_class, str(exc)))
+    keep = [pos for pos in range(len(batch)) if pos not in errors]
+    return batch.take(keep), (rows[keep] if rows is not None else None)
 
 
 def decide(txn: Transaction, probability: float, manifest: Manifest, now_ms: int) -> Verdict:
     """Turn a probability into a verdict with the manifest's thresholds (strictly greater than)."""
     t = manifest.thresholds
     code = int(decision_codes(np.array([probability]), t.review, t.decline)[0])
-    return _verdict(txn, probability, decision_of(code), manifest, now_ms)
+    return _verdict(txn.transaction_id, txn.card_id, txn.event_time, probability, decision_of(code), manifest, now_ms)
 
 
-def _verdict(txn: Transaction, probability: float, decision: Decision, manifest: Manifest, now_ms: int) -> Verdict:
+def _verdict(transaction_id: str, card_id: str, event_time: int, probability: float, decision: Decision,
+             manifest: Manifest, now_ms: int) -> Verdict:
     t = manifest.thresholds
     return Verdict(
-        transaction_id=txn.transaction_id,
-        card_id=txn.card_id,
+        transaction_id=transaction_id,
+        card_id=card_id,
         fraud_probability=probability,
         is_fraud=decision is Decision.DECLINE,
         decision=decision,
@@ -70,40 +91,46 @@ def _verdict(txn: Transaction, probability: float, decision: Decision, manifest:
         decline_threshold=t.decline,
         model_name=manifest.name,
         model_version=manifest.version,
-        event_time=txn.event_time,
+        event_time=event_time,
         scored_at=now_ms,
     )
 
 
-def _predict(scorer: Scorer, batch: TransactionBatch) -> tuple[np.ndarray, dict[int, tuple[str, str]]]:
+def _predict(scorer: Scorer, matrix: np.ndarray) -> tuple[np.ndarray, dict[int, Exception]]:
     """One model call for the batch; if it fails, score row by row so one bad row cannot sink the rest."""
     try:
-        probs = _checked(scorer, batch)
+        probs = _checked(scorer, matrix)
     except Exception:
         probs = None
+    failures: dict[int, Exception] = {}
     if probs is None:
-        probs = np.zeros(len(batch))
-        failures: dict[int, tuple[str, str]] = {}
-        for pos in range(len(batch)):
+        probs = np.zeros(len(matrix))
+        for pos in range(len(matrix)):
             try:
-                one = _checked(scorer, batch.take([pos]))
+                one = _checked(scorer, matrix[pos:pos + 1])
                 if one is None:
                     raise ValueError("model returned the wrong number of probabilities for one row")
                 probs[pos] = one[0]
             except Exception as exc:
-                failures[pos] = (type(exc).__name__, _first_line(exc))
-    else:
-        failures = {}
+                failures[pos] = _Failure(type(exc).__name__, _first_line(exc))
     for pos in np.flatnonzero(~((probs >= 0.0) & (probs <= 1.0))):
         if int(pos) not in failures:
-            failures[int(pos)] = ("InvalidProbability", f"model returned {float(probs[pos])!r}, not a probability")
+            failures[int(pos)] = _Failure("InvalidProbability", f"model returned {float(probs[pos])!r}, not a probability")
     return probs, failures
 
 
-def _checked(scorer: Scorer, batch: TransactionBatch) -> np.ndarray | None:
+class _Failure(Exception):
+    """A row the model could not score, named as the error it raised."""
+
+    def __init__(self, error_class: str, message: str):
+        super().__init__(message)
+        self.error_class = error_class
+
+
+def _checked(scorer: Scorer, matrix: np.ndarray) -> np.ndarray | None:
     """The model's probabilities, or None when their shape would pair them with the wrong rows."""
-    probs = np.asarray(scorer.predict(scorer.manifest.matrix(batch.column, len(batch))), dtype=np.float64)
-    return probs if probs.shape == (len(batch),) else None
+    probs = np.asarray(scorer.predict(matrix), dtype=np.float64)
+    return probs if probs.shape == (len(matrix),) else None
 
 
 def _first_line(exc: Exception) -> str:

@@ -114,6 +114,8 @@ class Settings(BaseSettings):
     dead_letter_topic: str = Field("transactions-dlq", min_length=1, description="Topic of unscorable messages.")
     worker_id: str = Field(f"{socket.gethostname()}-{os.getpid()}", min_length=1, description="This replica's id.")
 
+    input_schema: Path | None = Field(
+        None, description="Avro schema (.avsc) of the input records; default schemas/transaction.avsc.")
     model_manifest: Path = Field(ROOT / "models" / "fraud-gbt.json", description="Model manifest (JSON).")
     model_file: Path | None = Field(None, description="Override of the manifest's model_file path.")
     onnx_threads: int = Field(1, ge=1, le=64, description="onnxruntime intra-op threads; scale with replicas.")
@@ -134,6 +136,10 @@ class Settings(BaseSettings):
     ssl_certificate_location: str | None = Field(None, description="Client certificate (mutual TLS).")
     ssl_key_location: str | None = Field(None, description="Client private key (mutual TLS).")
     ssl_key_password: SecretStr | None = Field(None, description="Password of the client key (secret).")
+    schema_registry_url: str | None = Field(
+        None, description="Confluent-compatible Schema Registry; input and verdicts then use its wire format.")
+    schema_registry_username: str | None = Field(None, description="Schema Registry basic-auth user.")
+    schema_registry_password: SecretStr | None = Field(None, description="Schema Registry basic-auth password (secret).")
     consumer_config: dict[str, str] = Field(default_factory=dict, description="Extra librdkafka consumer settings (JSON).")
     producer_config: dict[str, str] = Field(default_factory=dict, description="Extra librdkafka producer settings (JSON).")
 
@@ -182,6 +188,16 @@ class Settings(BaseSettings):
                 value = value.get_secret_value()
             env[f"FRAUD_{name.upper()}"] = json.dumps(value) if isinstance(value, dict) else str(value)
         return env
+
+    def registry_config(self) -> dict[str, str] | None:
+        """confluent-kafka SchemaRegistryClient settings, secrets included (never log them); None without a registry."""
+        if not self.schema_registry_url:
+            return None
+        conf = {"url": self.schema_registry_url, "timeout": 5}
+        if self.schema_registry_username:
+            password = self.schema_registry_password.get_secret_value() if self.schema_registry_password else ""
+            conf["basic.auth.user.info"] = f"{self.schema_registry_username}:{password}"
+        return conf
 
     def security_config(self) -> dict[str, str]:
         """librdkafka security settings, secrets included; never log the result."""

@@ -60,8 +60,12 @@ def stamp(txn: Transaction, now_ms: int) -> Transaction:
     return Transaction(**fields)
 
 
-def produce(producer, topic: str, txns: Iterable[Transaction], rate: float = 0.0, codec: Codec | None = None) -> int:
-    """Produce transactions keyed by card_id, at `rate` per second (0 = as fast as possible); return the count."""
+def produce(producer, topic: str, txns: Iterable[Transaction], rate: float = 0.0, codec: Codec | None = None,
+            prefix: bytes = b"") -> int:
+    """Produce transactions keyed by card_id, at `rate` per second (0 = as fast as possible); return the count.
+
+    `prefix` goes before each value (the wire-format header of a registered schema).
+    """
     codec = codec or Codec()
     start = time.monotonic()
     sent = 0
@@ -70,7 +74,7 @@ def produce(producer, topic: str, txns: Iterable[Transaction], rate: float = 0.0
             ahead = start + sent / rate - time.monotonic()
             if ahead > 0:
                 time.sleep(ahead)
-        value = codec.encode_transaction(stamp(txn, int(time.time() * 1000)))
+        value = prefix + codec.encode_transaction(stamp(txn, int(time.time() * 1000)))
         send(producer, topic, value, txn.card_id.encode())
         producer.poll(0)
         sent += 1
