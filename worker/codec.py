@@ -61,6 +61,15 @@ def load_schema(name: str, schema_dir: Path = SCHEMA_DIR) -> dict:
     return fastavro.parse_schema(raw)
 
 
+def without_logical_types(node):
+    """The schema with every logicalType removed: values are read as their Avro types (epoch numbers, bytes)."""
+    if isinstance(node, dict):
+        return {k: without_logical_types(v) for k, v in node.items() if k != "logicalType"}
+    if isinstance(node, list):
+        return [without_logical_types(v) for v in node]
+    return node
+
+
 def logical_types(schema: dict) -> dict[str, str | None]:
     """Each top-level field's logicalType (None for none)."""
     return {f["name"]: f["type"].get("logicalType") if isinstance(f["type"], dict) else None

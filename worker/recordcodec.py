@@ -20,7 +20,9 @@ import numpy as np
 
 from fastavro.schema import to_parsing_canonical_form
 
-from .codec import SCHEMA_DIR, Codec, DecodeError, ValidationError, load_schema, logical_types, read_verdict
+from .codec import (
+    SCHEMA_DIR, Codec, DecodeError, ValidationError, load_schema, logical_types, read_verdict, without_logical_types,
+)
 from .manifest import Manifest, ManifestError
 
 _MAX_ID_BYTES = 128
@@ -52,7 +54,7 @@ class RecordCodec:
         self.transaction_avsc = json.loads(Path(input_schema).read_text())
         self.transaction_logical_types = logical_types(self.transaction_avsc)
         self.reader = fastavro.parse_schema(self.transaction_avsc)
-        self.transaction_schema = fastavro.parse_schema(_without_logical_types(self.transaction_avsc))
+        self.transaction_schema = fastavro.parse_schema(without_logical_types(self.transaction_avsc))
         self.verdict_avsc = json.loads((schema_dir / "verdict.avsc").read_text())
         self.verdict_schema = load_schema("verdict", schema_dir)
         self.manifest = manifest
@@ -215,11 +217,3 @@ def _epoch_ms(v, path: str) -> int:
     if isinstance(v, int) and not isinstance(v, bool):
         return v
     raise DecodeError(f"{path} holds no event time")
-
-
-def _without_logical_types(node):
-    if isinstance(node, dict):
-        return {k: _without_logical_types(v) for k, v in node.items() if k != "logicalType"}
-    if isinstance(node, list):
-        return [_without_logical_types(v) for v in node]
-    return node

@@ -17,7 +17,7 @@ from cachetools import LRUCache
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient, SchemaRegistryError
 from fastavro.schema import to_parsing_canonical_form
 
-from .codec import DecodeError, logical_types
+from .codec import DecodeError, logical_types, without_logical_types
 
 MAGIC = 0
 _HEADER = struct.Struct(">bI")
@@ -136,7 +136,7 @@ class FramedInput:
             return _Refuse(f"schema id {schema_id} is a {found.schema_type} schema, not Avro")
         try:
             raw = json.loads(found.schema_str)
-            writer = fastavro.parse_schema(_without_logical_types(raw))
+            writer = fastavro.parse_schema(without_logical_types(raw))
         except Exception as exc:
             return _Refuse(f"schema id {schema_id} is not a valid Avro schema: {exc}")
         if writer.get("type") != "record":
@@ -165,15 +165,6 @@ class FramedInput:
         except Exception as exc:
             return DecodeError(f"a record of writer schema id {schema_id} does not fit the reader schema: {exc}")
         return out.getvalue()
-
-
-def _without_logical_types(node):
-    """The schema with every logicalType removed: values are read as their Avro types (epoch numbers, bytes)."""
-    if isinstance(node, dict):
-        return {k: _without_logical_types(v) for k, v in node.items() if k != "logicalType"}
-    if isinstance(node, list):
-        return [_without_logical_types(v) for v in node]
-    return node
 
 
 def _transient(exc: SchemaRegistryError) -> bool:
