@@ -6,15 +6,18 @@ import fcntl
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
 import pytest
 
 from worker.kafka import create_topics
-from worker.localbroker import BrokerError, LocalBroker, broker_home, checkout_dir, free_ports
-from worker.localregistry import LocalRegistry, RegistryError
+from worker.localbroker import LocalBroker, broker_home
+from worker.localregistry import LocalRegistry
 from worker.localregistry import answers as registry_answers
+from worker.localservice import LocalProcess, checkout_dir, free_ports
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,32 +80,19 @@ def kafka_bootstrap() -> str:
     if TEST_BROKER_PORT:
         broker, owner = LocalBroker(port=TEST_BROKER_PORT, home=broker_home(TEST_BROKER_PORT, "broker-test")), None
     else:
-        broker, owner = _claim_run_broker()
-    started = False
-    try:
-        try:
-            bootstrap = broker.start()
-        except BrokerError as exc:
-            pytest.fail(f"{exc}. {HOW_TO_GET_A_BROKER.format(port=TEST_BROKER_PORT or 9092)}", pytrace=False)
-        started = True
+        broker, owner = _claim_run_home(LocalBroker, RUN_BROKERS, "port", "controller_port")
+    with _serve_session(broker, owner, HOW_TO_GET_A_BROKER.format(port=TEST_BROKER_PORT or 9092)) as bootstrap:
         _SESSION["broker"] = broker
         yield bootstrap
-    finally:
-        _SESSION.pop("broker", None)
-        if broker.launched:  # a broker that was already running (FRAUD_TEST_BROKER_PORT) is not this session's
-            broker.stop()
-        if owner is not None:
-            if started:  # after a failed start the home keeps the broker's log; the next session removes it
-                shutil.rmtree(broker.home, ignore_errors=True)
-            owner.close()
+    _SESSION.pop("broker", None)
 
 
-def _claim_run_broker() -> tuple[LocalBroker, IO]:
-    """A local broker on two ports free now, its home locked by this session; first reaps brokers of dead sessions."""
-    RUN_BROKERS.mkdir(parents=True, exist_ok=True)
-    with open(RUN_BROKERS / ".lock", "w") as guard:
+def _claim_run_home(cls: type[LocalProcess], runs: Path, *port_fields: str) -> tuple[LocalProcess, IO]:
+    """A `cls` on free ports (`port_fields`), its home under `runs` locked by this session; reaps dead sessions' first."""
+    runs.mkdir(parents=True, exist_ok=True)
+    with open(runs / ".lock", "w") as guard:
         fcntl.flock(guard, fcntl.LOCK_EX)
-        for home in RUN_BROKERS.iterdir():
+        for home in runs.iterdir():
             if not (home.is_dir() and home.name.isdigit()):
                 continue
             with open(home / "session.lock", "a") as lock:
@@ -110,17 +100,37 @@ def _claim_run_broker() -> tuple[LocalBroker, IO]:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue  # a live session owns it
-                LocalBroker(port=int(home.name), home=home).stop(timeout=10)  # its session died before teardown
+                cls(port=int(home.name), home=home).stop(timeout=10)  # its session died before teardown
                 shutil.rmtree(home, ignore_errors=True)
         while True:
-            port, controller = free_ports(2)
-            home = RUN_BROKERS / str(port)
+            ports = dict(zip(port_fields, free_ports(len(port_fields))))
+            home = runs / str(ports["port"])
             if not home.exists():
                 break
         home.mkdir()
         owner = open(home / "session.lock", "w")
         fcntl.flock(owner, fcntl.LOCK_EX)  # held until this session ends, however it ends
-    return LocalBroker(port=port, controller_port=controller, home=home), owner
+    return cls(**ports, home=home), owner
+
+
+@contextmanager
+def _serve_session(process: LocalProcess, owner: IO | None, how_to_get_one: str) -> Iterator[str]:
+    """Start `process` and yield its address; then stop it if this session started it, and free its run home."""
+    started = False
+    try:
+        try:
+            address = process.start()
+        except process.error as exc:
+            pytest.fail(f"{exc}. {how_to_get_one}", pytrace=False)
+        started = True
+        yield address
+    finally:
+        if process.launched:  # one that was already running (FRAUD_TEST_BROKER_PORT) is not this session's
+            process.stop()
+        if owner is not None:
+            if started:  # after a failed start the home keeps the process's log; the next session removes it
+                shutil.rmtree(process.home, ignore_errors=True)
+            owner.close()
 
 
 @pytest.fixture(scope="session")
@@ -137,25 +147,12 @@ def schema_registry_url() -> str:
     """A real Schema Registry: SCHEMA_REGISTRY_URL, else Apicurio in testcontainers, else the project's local one."""
     if os.environ.get("SCHEMA_REGISTRY_URL"):
         yield os.environ["SCHEMA_REGISTRY_URL"]
-        return
-    if _docker_answers():
+    elif _docker_answers():
         yield from _container_registry()
-        return
-    registry, owner = _claim_run_registry()
-    started = False
-    try:
-        try:
-            url = registry.start()
-        except RegistryError as exc:
-            pytest.fail(f"{exc}. {HOW_TO_GET_A_REGISTRY}", pytrace=False)
-        started = True
-        yield url
-    finally:
-        if registry.launched:
-            registry.stop()
-        if started:  # after a failed start the home keeps the registry's log; the next session removes it
-            shutil.rmtree(registry.home, ignore_errors=True)
-        owner.close()
+    else:
+        registry, owner = _claim_run_home(LocalRegistry, RUN_REGISTRIES, "port")
+        with _serve_session(registry, owner, HOW_TO_GET_A_REGISTRY) as url:
+            yield url
 
 
 def _container_registry():
@@ -174,32 +171,6 @@ def _container_registry():
             time.sleep(0.5)
         SchemaRegistryClient({"url": url}).set_compatibility(level="BACKWARD")
         yield url
-
-
-def _claim_run_registry() -> tuple[LocalRegistry, IO]:
-    """A local registry on a port free now, its home locked by this session; first reaps registries of dead sessions."""
-    RUN_REGISTRIES.mkdir(parents=True, exist_ok=True)
-    with open(RUN_REGISTRIES / ".lock", "w") as guard:
-        fcntl.flock(guard, fcntl.LOCK_EX)
-        for home in RUN_REGISTRIES.iterdir():
-            if not (home.is_dir() and home.name.isdigit()):
-                continue
-            with open(home / "session.lock", "a") as lock:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # a live session owns it
-                LocalRegistry(port=int(home.name), home=home).stop(timeout=10)  # its session died before teardown
-                shutil.rmtree(home, ignore_errors=True)
-        while True:
-            port = free_ports(1)[0]
-            home = RUN_REGISTRIES / str(port)
-            if not home.exists():
-                break
-        home.mkdir()
-        owner = open(home / "session.lock", "w")
-        fcntl.flock(owner, fcntl.LOCK_EX)  # held until this session ends, however it ends
-    return LocalRegistry(port=port, home=home), owner
 
 
 @pytest.fixture

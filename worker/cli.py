@@ -193,46 +193,15 @@ def _verdicts(args) -> int:
 
 
 def _broker(args) -> int:
-    from .kafka import answers
-    from .localbroker import BrokerError, LocalBroker, broker_home
+    from .localbroker import LocalBroker, broker_home
 
-    broker = LocalBroker(port=args.port, home=broker_home(args.port))
-    try:
-        if args.action == "start":
-            print(json.dumps({"bootstrap": broker.start(), "log": str(broker.log_file)}))
-        elif args.action == "stop":
-            pid = broker.stop()
-            out = {"stopped": pid is not None, "pid": pid, "port": args.port, "home": str(broker.home)}
-            if pid is None and answers(broker.bootstrap, timeout=2):
-                out["note"] = f"a broker this checkout did not start answers on port {args.port}; left running"
-            print(json.dumps(out))
-        else:
-            print(json.dumps({"running": broker.running(), "pid": broker.pid(), "bootstrap": broker.bootstrap,
-                              "home": str(broker.home)}))
-    except BrokerError as exc:
-        raise StartupFailure(str(exc)) from None
-    return 0
+    return LocalBroker(port=args.port, home=broker_home(args.port)).cli(args.action, StartupFailure)
 
 
 def _registry(args) -> int:
-    from .localregistry import LocalRegistry, RegistryError, answers, registry_home
+    from .localregistry import LocalRegistry, registry_home
 
-    registry = LocalRegistry(port=args.port, home=registry_home(args.port))
-    try:
-        if args.action == "start":
-            print(json.dumps({"url": registry.start(), "log": str(registry.log_file)}))
-        elif args.action == "stop":
-            pid = registry.stop()
-            out = {"stopped": pid is not None, "pid": pid, "port": args.port, "home": str(registry.home)}
-            if pid is None and answers(registry.url, timeout=2):
-                out["note"] = f"a registry this checkout did not start answers on port {args.port}; left running"
-            print(json.dumps(out))
-        else:
-            print(json.dumps({"running": registry.running(), "pid": registry.pid(), "url": registry.url,
-                              "home": str(registry.home)}))
-    except RegistryError as exc:
-        raise StartupFailure(str(exc)) from None
-    return 0
+    return LocalRegistry(port=args.port, home=registry_home(args.port)).cli(args.action, StartupFailure)
 
 
 def _demo(args) -> int:

@@ -7,23 +7,18 @@ checkout (`<checkout>/var/broker-<port>`), so checkouts never adopt or stop each
 from __future__ import annotations
 
 import base64
-import fcntl
 import os
-import shutil
-import signal
-import socket
 import subprocess
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .kafka import answers
+from .localservice import CACHE, LocalProcess, local_home, require
+from .localservice import checkout_dir, free_ports  # noqa: F401 - callers import them from here
 
 KAFKA_VERSION = os.environ.get("FRAUD_KAFKA_VERSION", "4.1.1")
 LOG4J_VERSION = "2.24.3"
-CACHE = Path(os.environ.get("FRAUD_CACHE_DIR", Path.home() / ".cache" / "fraud-worker"))
-_PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 
 _POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
   <modelVersion>4.0.0</modelVersion>
@@ -51,32 +46,13 @@ class BrokerError(RuntimeError):
     """The local broker cannot be fetched, started or stopped."""
 
 
-def checkout_dir() -> Path:
-    """The checkout this package runs from (the current directory if it is installed elsewhere)."""
-    return _PACKAGE_PARENT if (_PACKAGE_PARENT / "pyproject.toml").exists() else Path.cwd().resolve()
-
-
 def broker_home(port: int, name: str = "broker") -> Path:
     """This checkout's home for the broker on `port`: `<checkout>/var/<name>-<port>`."""
-    return checkout_dir() / "var" / f"{name}-{port}"
-
-
-def free_ports(count: int = 1) -> list[int]:
-    """`count` distinct ports that are free on 127.0.0.1 right now (the OS picks them)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            socks.append(s)
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    return local_home(port, name)
 
 
 @dataclass
-class LocalBroker:
+class LocalBroker(LocalProcess):
     """A single-node KRaft broker bound to 127.0.0.1, with its pid file, data and log under `home`.
 
     `home` defaults to this checkout's `var/broker-<port>`. The broker is only ever adopted, reported or stopped
@@ -91,116 +67,54 @@ class LocalBroker:
     acls: bool = False
     heap: str = "768m"
 
+    kind = "broker"
+    title = "Kafka"
+    error = BrokerError
+    address_name = "bootstrap"
+
     def __post_init__(self) -> None:
-        self.home = Path(self.home).resolve() if self.home is not None else broker_home(self.port)
+        super().__post_init__()
         self.controller_port = self.controller_port or self.port + 1
-        self.launched = False  # whether this object started the process (rather than finding it running)
 
     @property
     def bootstrap(self) -> str:
         """The PLAINTEXT bootstrap address."""
         return f"127.0.0.1:{self.port}"
 
-    @property
-    def log_file(self) -> Path:
-        """Where the broker's output goes."""
-        return self.home / "broker.log"
-
-    @property
-    def _pid_file(self) -> Path:
-        return self.home / "broker.pid"
+    address = bootstrap
 
     @property
     def _config(self) -> Path:
         return self.home / "server.properties"
 
-    def start(self, timeout: float = 90.0) -> str:
-        """Start the broker unless it already runs; wait until it answers metadata; return the bootstrap."""
-        self.home.mkdir(parents=True, exist_ok=True)
-        # Two test sessions may start the same broker at once; the lock makes the second one find it running.
-        with open(self.home / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            return self._start(timeout)
-
-    def _start(self, timeout: float) -> str:
-        if self.running():
-            try:
-                config = self._config.read_text()
-            except OSError:
-                config = ""
-            if f"PLAINTEXT://127.0.0.1:{self.port}," not in config:
-                raise BrokerError(f"the broker of {self.home} runs on another port; stop it first")
-            if answers(self.bootstrap):
-                return self.bootstrap
-            self._wait_ready(timeout)
-            return self.bootstrap
-        for port in (self.port, self.controller_port, self.sasl_port):
-            if port and not _port_free(port):
-                raise BrokerError(f"port {port} on 127.0.0.1 is taken by another process; choose another with --port")
-        java = _require("java", "install a Java 17+ runtime (e.g. apt-get install openjdk-17-jre-headless)")
-        libs = fetch_jars()
-        self.home.mkdir(parents=True, exist_ok=True)
-        config = self._write_config()
-        if not (self.home / "data" / "meta.properties").exists():
-            self._format(java, libs, config)
-        with open(self.log_file, "ab") as out:
-            proc = subprocess.Popen(
-                [java, f"-Xmx{self.heap}", "-Xms256m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
-                 f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
-                 "-cp", f"{libs}/*", "kafka.Kafka", str(config)],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            )
-        self._pid_file.write_text(str(proc.pid))
-        self.launched = True
-        self._wait_ready(timeout, proc)
-        return self.bootstrap
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """Stop this home's broker: SIGTERM, then SIGKILL after `timeout`; return its pid, None if none ran.
-
-        Only the process in this home's pid file is signalled, and only if it really is this home's broker, so a
-        broker of another checkout (or a process that reused a stale pid) is never touched.
-        """
-        pid = self.pid()
-        if pid is None:
-            self._pid_file.unlink(missing_ok=True)  # stale: the process is gone or is not this home's broker
-            return None
-        _signal(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if _alive(pid):
-            _signal(pid, signal.SIGKILL)
-            while _alive(pid):
-                time.sleep(0.1)
-        self._pid_file.unlink(missing_ok=True)
-        return pid
+    def answering(self, timeout: float = 1.0) -> bool:
+        """Whether a broker answers metadata requests on this port, whoever started it."""
+        return answers(self.bootstrap, timeout)
 
     def kill(self) -> None:
         """SIGKILL the broker (for fault injection)."""
         self.stop(timeout=0)
 
-    def pid(self) -> int | None:
-        """The pid of this home's broker if it runs; a live pid whose command line is not this broker's is not it."""
+    def _ports(self) -> tuple[int | None, ...]:
+        return self.port, self.controller_port, self.sasl_port
+
+    def _home_arg(self) -> str:
+        return str(self._config)
+
+    def _runs_on_port(self, pid: int) -> bool:
         try:
-            pid = int(self._pid_file.read_text())
-        except (OSError, ValueError):
-            return None
-        return pid if _alive(pid) and _runs_config(pid, self._config) else None
+            return f"PLAINTEXT://127.0.0.1:{self.port}," in self._config.read_text()
+        except OSError:
+            return False
 
-    def running(self) -> bool:
-        """Whether the broker process is alive."""
-        return self.pid() is not None
-
-    def _wait_ready(self, timeout: float, proc: subprocess.Popen | None = None) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
-                raise BrokerError(f"Kafka exited with code {proc.returncode} during start-up; see {self.log_file}")
-            if answers(self.bootstrap):
-                return
-            time.sleep(0.3)
-        raise BrokerError(f"Kafka did not answer on {self.bootstrap} within {timeout:.0f}s; see {self.log_file}")
+    def _command(self, java: str) -> list[str]:
+        libs = fetch_jars()
+        config = self._write_config()
+        if not (self.home / "data" / "meta.properties").exists():
+            self._format(java, libs, config)
+        return [java, f"-Xmx{self.heap}", "-Xms256m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+                f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
+                "-cp", f"{libs}/*", "kafka.Kafka", str(config)]
 
     def _write_config(self) -> Path:
         listeners = [f"PLAINTEXT://127.0.0.1:{self.port}", f"CONTROLLER://127.0.0.1:{self.controller_port}"]
@@ -265,7 +179,8 @@ def fetch_jars(version: str = KAFKA_VERSION) -> Path:
     libs = target / "libs"
     if (target / ".complete").exists():
         return libs
-    mvn = _require("mvn", "install Apache Maven (e.g. apt-get install maven) so the Kafka jars can be fetched")
+    mvn = require("mvn", "install Apache Maven (e.g. apt-get install maven) so the Kafka jars can be fetched",
+                  BrokerError)
     target.mkdir(parents=True, exist_ok=True)
     (target / "pom.xml").write_text(_POM.format(kafka=version, log4j=LOG4J_VERSION))
     done = subprocess.run(
@@ -282,55 +197,3 @@ def fetch_jars(version: str = KAFKA_VERSION) -> Path:
 
 def _cluster_id() -> str:
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-
-
-def _require(tool: str, hint: str) -> str:
-    path = shutil.which(tool)
-    if not path:
-        raise BrokerError(f"{tool} not found on PATH: {hint}")
-    return path
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-        return state != "Z"
-    except OSError:
-        return True
-
-
-def _runs_config(pid: int, config: Path) -> bool:
-    """Whether process `pid` is a Kafka broker started with `config` (its command line names it)."""
-    if Path("/proc/self/cmdline").exists():
-        try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            return False
-        return os.fsencode(str(config)) in args
-    done = subprocess.run(["ps", "-ww", "-o", "args=", "-p", str(pid)], capture_output=True, text=True)
-    return f" {config}" in done.stdout
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
-    except PermissionError:
-        os.kill(pid, sig)

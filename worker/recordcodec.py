@@ -1,7 +1,8 @@
-"""Any input schema: fastavro decodes each record, the manifest's paths and transforms make the features.
+"""Any input schema: records decoded as a batch, the manifest's paths and transforms make the features.
 
 The batch codec (worker/codec.py) is compiled for schemas/transaction.avsc; this one reads any Avro record schema
-(nested records, nullable unions, enums, decimals, timestamps) record by record at fastavro's speed, and writes
+(nested records, nullable unions, enums, fixed, decimals, timestamps) with the schema-compiled BatchDecoder
+(worker/avrobatch.py), or record by record with fastavro where that does not compile (arrays, maps), and writes
 verdicts with fastavro. Timestamps are epoch milliseconds UTC once read.
 """
 
@@ -23,6 +24,7 @@ from fastavro.schema import to_parsing_canonical_form
 from .codec import (
     SCHEMA_DIR, Codec, DecodeError, ValidationError, load_schema, logical_types, read_verdict, without_logical_types,
 )
+from .avrobatch import BatchDecoder, Unsupported
 from .manifest import Manifest, ManifestError
 
 _MAX_ID_BYTES = 128
@@ -60,14 +62,26 @@ class RecordCodec:
         self.manifest = manifest
         self.max_message_bytes = max_message_bytes
         self.verdict_prefix = b""
+        try:
+            self._compiled: BatchDecoder | None = BatchDecoder(self.transaction_avsc)
+        except Unsupported:  # arrays, maps, named references, wider unions: fastavro reads them record by record
+            self._compiled = None
 
     def decode_batch(self, values: Sequence[bytes | None]) -> tuple[RecordBatch, dict[int, DecodeError]]:
         """Decode every value; return the records and a DecodeError for each value that is not one."""
-        rows, records, times, errors = [], [], [], {}
-        m = self.manifest
+        errors: dict[int, DecodeError] = {}
         for i, value in enumerate(values):
+            if not value:
+                errors[i] = DecodeError("empty message value")
+            elif len(value) > self.max_message_bytes:
+                errors[i] = DecodeError(f"message of {len(value)} bytes exceeds max_message_bytes={self.max_message_bytes}")
+        readable = [i for i in range(len(values)) if i not in errors]
+        rows, records, times = [], [], []
+        m = self.manifest
+        for i, record in zip(readable, self._read_all([values[i] for i in readable])):
             try:
-                record = self._read(value)
+                if isinstance(record, DecodeError):
+                    raise record
                 when = _epoch_ms(_at(record, m.event_time_field), m.event_time_field)
             except DecodeError as exc:
                 errors[i] = exc
@@ -77,18 +91,22 @@ class RecordCodec:
             times.append(when)
         return RecordBatch(rows, records, np.array(times, dtype=np.int64)), errors
 
-    def _read(self, value: bytes | None) -> dict:
-        if not value:
-            raise DecodeError("empty message value")
-        if len(value) > self.max_message_bytes:
-            raise DecodeError(f"message of {len(value)} bytes exceeds max_message_bytes={self.max_message_bytes}")
+    def _read_all(self, values: list[bytes]) -> list[dict | DecodeError]:
+        """Each value as a record: by the compiled batch decoder when the schema compiles, else by fastavro."""
+        if self._compiled is None:
+            return [self._read(v) for v in values]
+        records, errors = self._compiled.decode(values)
+        name = self.reader.get("name")
+        return [DecodeError(f"not a {name} record: {errors[i]}") if r is None else r for i, r in enumerate(records)]
+
+    def _read(self, value: bytes) -> dict | DecodeError:
         body = io.BytesIO(value)
         try:
             record = fastavro.schemaless_reader(body, self.reader, None)
         except Exception as exc:  # fastavro raises what the bytes provoke (EOFError, IndexError, UnicodeError, …)
-            raise DecodeError(f"not a {self.reader.get('name')} record: {type(exc).__name__}: {exc}") from None
+            return DecodeError(f"not a {self.reader.get('name')} record: {type(exc).__name__}: {exc}")
         if body.tell() != len(value):
-            raise DecodeError(f"{len(value) - body.tell()} trailing bytes after a {self.reader.get('name')} record")
+            return DecodeError(f"{len(value) - body.tell()} trailing bytes after a {self.reader.get('name')} record")
         return record
 
     def validation_errors(self, batch: RecordBatch) -> dict[int, ValidationError]:
