@@ -124,9 +124,12 @@ def _verdict_count(s) -> int:
     return sum(end_offsets(s, s.verdict_topic).values())
 
 
-def test_sigterm_of_one_replica_loses_and_duplicates_nothing(settings_for, tmp_path):
-    """Two replicas share the partitions; SIGTERM of one mid-stream leaves exactly one verdict per transaction."""
-    s = settings_for(partitions=6)
+@pytest.mark.parametrize("protocol", ["classic", "consumer"])
+def test_sigterm_of_one_replica_loses_and_duplicates_nothing(protocol, settings_for, tmp_path):
+    """Two replicas share the partitions; SIGTERM of one mid-stream leaves exactly one verdict per transaction, with
+    either group protocol."""
+    s = settings_for(partitions=6, group_protocol=protocol,
+                     **({"consumer_config": {}} if protocol == "consumer" else {}))
     n = 30_000
     a = WorkerProcess(s.model_copy(update={"worker_id": "replica-a"}), tmp_path / "a.log")
     b = WorkerProcess(s.model_copy(update={"worker_id": "replica-b"}), tmp_path / "b.log")

@@ -78,20 +78,37 @@ def client_config(settings: Settings) -> dict:
 
 
 def consumer_config(settings: Settings) -> dict:
-    """The consumer: manual commits only, cooperative rebalancing, bounded fetches."""
+    """The consumer: manual commits only, incremental rebalancing, bounded fetches."""
     return {
         **client_config(settings),
         "group.id": settings.group_id,
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest",
-        "partition.assignment.strategy": "cooperative-sticky",
+        **group_config(settings),
         "enable.partition.eof": False,
         "message.max.bytes": max(settings.max_message_bytes * 2, 1_000_000),
         # librdkafka prefetches up to 64 MiB per consumer by default; 16 MiB keeps memory flat and is plenty.
         "queued.max.messages.kbytes": 16384,
         **settings.consumer_config,
     }
+
+
+def group_config(settings: Settings) -> dict:
+    """Group membership: the protocol's own settings, and the static member id if there is one.
+
+    Classic: cooperative-sticky, and a 10 s session (librdkafka's 45 s would leave a dead replica's partitions
+    unread that long; heartbeats come from librdkafka's thread, so a slow batch does not end the session). The
+    consumer protocol (KIP-848) takes its session and heartbeat from the broker (group.consumer.session.timeout.ms).
+    """
+    if settings.group_protocol == "consumer":
+        conf = {"group.protocol": "consumer"}
+    else:
+        conf = {"partition.assignment.strategy": "cooperative-sticky", "session.timeout.ms": 10_000,
+                "heartbeat.interval.ms": 1_000}
+    if settings.group_instance_id:
+        conf["group.instance.id"] = settings.group_instance_id
+    return conf
 
 
 def producer_config(settings: Settings) -> dict:

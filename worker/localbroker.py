@@ -154,6 +154,11 @@ class LocalBroker(LocalProcess):
             "share.coordinator.state.topic.min.isr=1",
             "group.initial.rebalance.delay.ms=0",
             "group.min.session.timeout.ms=1000",
+            # The consumer group protocol (KIP-848) keeps sessions broker side: 10 s, as the worker's classic default.
+            "group.consumer.min.session.timeout.ms=1000",
+            "group.consumer.session.timeout.ms=10000",
+            "group.consumer.min.heartbeat.interval.ms=500",
+            "group.consumer.heartbeat.interval.ms=1000",
             "log.retention.hours=24",
             *extra,
         ]

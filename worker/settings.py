@@ -59,6 +59,9 @@ GUARDED_KEYS: dict[str, tuple[Callable[[str], bool], str]] = {
     "metadata.broker.list": _owned("FRAUD_BOOTSTRAP_SERVERS"),
     "group.id": _owned("FRAUD_GROUP_ID"),
     "client.id": _owned("FRAUD_WORKER_ID"),
+    "group.protocol": _owned("FRAUD_GROUP_PROTOCOL"),
+    "group.instance.id": _owned("FRAUD_GROUP_INSTANCE_ID"),
+    "partition.assignment.strategy": _owned("FRAUD_GROUP_PROTOCOL (cooperative-sticky with classic)"),
     "security.protocol": _owned("FRAUD_SECURITY_PROTOCOL"),
     "sasl.mechanism": _owned("FRAUD_SASL_MECHANISM"),
     "sasl.mechanisms": _owned("FRAUD_SASL_MECHANISM"),
@@ -112,6 +115,10 @@ class Settings(BaseSettings):
     input_topic: str = Field("transactions", min_length=1, description="Topic of Avro transactions.")
     verdict_topic: str = Field("fraud-verdicts", min_length=1, description="Topic the verdicts go to.")
     dead_letter_topic: str = Field("transactions-dlq", min_length=1, description="Topic of unscorable messages.")
+    group_protocol: Literal["classic", "consumer"] = Field(
+        "classic", description="Consumer group protocol: classic, or consumer (KIP-848, Kafka 4.0+).")
+    group_instance_id: str | None = Field(
+        None, min_length=1, description="Static membership id (the pod name); a restart within the session timeout keeps its partitions.")
     worker_id: str = Field(f"{socket.gethostname()}-{os.getpid()}", min_length=1, description="This replica's id.")
 
     input_schema: Path | None = Field(
