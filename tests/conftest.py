@@ -14,7 +14,7 @@ from typing import IO
 import pytest
 
 from worker.kafka import create_topics
-from worker.localbroker import LocalBroker, broker_home
+from worker.localbroker import KAFKA_VERSION, LocalBroker, broker_home
 from worker.localregistry import LocalRegistry
 from worker.localregistry import answers as registry_answers
 from worker.localservice import LocalProcess, checkout_dir, free_ports
@@ -74,7 +74,7 @@ def kafka_bootstrap() -> str:
     if _docker_answers():
         from testcontainers.kafka import KafkaContainer
 
-        with KafkaContainer("apache/kafka:4.1.1").with_kraft() as container:
+        with KafkaContainer(f"apache/kafka:{KAFKA_VERSION}").with_kraft() as container:
             yield container.get_bootstrap_server()
         return
     if TEST_BROKER_PORT:

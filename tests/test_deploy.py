@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from worker.kafka import consumer_config
+from worker.localbroker import KAFKA_VERSION
 from worker.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -254,9 +255,9 @@ def test_image_layout_finds_schemas_and_model_when_run_from_app(tmp_path):
 
 
 def test_compose_runs_kraft_kafka_with_a_healthcheck():
-    """The broker is apache/kafka:4.1.1, a single KRaft node with replication factors 1 and a healthcheck."""
+    """The broker is apache/kafka at the version the local broker fetches, a single KRaft node with replication factors 1 and a healthcheck."""
     kafka = _compose()["services"]["kafka"]
-    assert kafka["image"] == "apache/kafka:4.1.1"
+    assert kafka["image"] == f"apache/kafka:{KAFKA_VERSION}"
     env = _env(kafka)
     assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"
     node = env["KAFKA_NODE_ID"]
