@@ -60,6 +60,17 @@ def _v2() -> dict:
     return {**SCHEMA, "fields": fields}
 
 
+def _score_all(s, records: list[dict], values: list[bytes]) -> None:
+    """Run a worker over the values (one per record, keyed by card): no dead letter, and every verdict checked."""
+    with _worker(s) as w:
+        _produce(s, [(r["card"]["card_id"].encode(), v) for r, v in zip(records, values)])
+        verdicts = read_topic(s, s.verdict_topic, len(records))
+        dead = read_topic(s, s.dead_letter_topic, 1, timeout=3)
+        assert w.stop() == 0
+    assert dead == []
+    _check(s, records, verdicts)
+
+
 def _check(s, records: list[dict], verdicts) -> None:
     got = {v["transaction_id"]: v for v in (read_verdict(r.value, VERDICT) for r in verdicts)}
     assert len(got) == len(verdicts) == len(records)
@@ -77,13 +88,7 @@ def test_plain_bank_records_score_like_the_reference(settings_for):
     """Plain Avro CardPayment records, nested and nullable, give the probabilities of the example's reference."""
     s = settings_for(partitions=3, input_schema=SCHEMA_PATH, model_manifest=MANIFEST)
     records = [r for r, _ in synth.generate(1_500, seed=77)]
-    with _worker(s) as w:
-        _produce(s, [(r["card"]["card_id"].encode(), _encode(SCHEMA, r)) for r in records])
-        verdicts = read_topic(s, s.verdict_topic, len(records))
-        dead = read_topic(s, s.dead_letter_topic, 1, timeout=3)
-        assert w.stop() == 0
-    assert dead == []
-    _check(s, records, verdicts)
+    _score_all(s, records, [_encode(SCHEMA, r) for r in records])
 
 
 def test_framed_bank_records_of_two_writer_versions(settings_for, schema_registry_url):
@@ -97,13 +102,7 @@ def test_framed_bank_records_of_two_writer_versions(settings_for, schema_registr
     records = [r for r, _ in synth.generate(1_000, seed=78)]
     values = [frame(v1) + _encode(SCHEMA, r) if i % 2 else frame(v2) + _encode(_v2(), {**r, "terminal_id": "T1"})
               for i, r in enumerate(records)]
-    with _worker(s) as w:
-        _produce(s, [(r["card"]["card_id"].encode(), v) for r, v in zip(records, values)])
-        verdicts = read_topic(s, s.verdict_topic, len(records))
-        dead = read_topic(s, s.dead_letter_topic, 1, timeout=3)
-        assert w.stop() == 0
-    assert dead == []
-    _check(s, records, verdicts)
+    _score_all(s, records, values)
 
 
 def test_null_in_a_feature_without_a_missing_policy_is_a_validate_dead_letter(settings_for, tmp_path):
