@@ -15,7 +15,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, ConfigSource
 
 from worker.kafka import answers, create_topics
-from worker.localbroker import CACHE, BrokerError, LocalBroker, free_ports
+from worker.localbroker import CACHE, BrokerError, LocalBroker
+from worker.localservice import free_ports
 
 pytestmark = pytest.mark.kafka
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,7 +16,8 @@ import pytest
 from tests.kafkatools import WorkerProcess, end_offsets, produce_raw, produce_transactions, read_topic, wait_until
 from worker import traffic
 from worker.kafka import create_topics
-from worker.localbroker import BrokerError, LocalBroker, free_ports
+from worker.localbroker import BrokerError, LocalBroker
+from worker.localservice import free_ports
 
 pytestmark = pytest.mark.kafka
 ROOT = Path(__file__).resolve().parent.parent

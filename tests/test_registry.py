@@ -15,7 +15,7 @@ import pytest
 from confluent_kafka.schema_registry import Schema
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
-from worker.localbroker import free_ports
+from worker.localservice import free_ports
 from worker.localregistry import LocalRegistry, RegistryError, answers
 
 ROOT = Path(__file__).resolve().parent.parent

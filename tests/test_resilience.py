@@ -15,7 +15,8 @@ from tests.test_operations import _get
 from worker import traffic
 from worker.codec import Codec
 from worker.kafka import create_topics
-from worker.localbroker import BrokerError, LocalBroker, free_ports
+from worker.localbroker import BrokerError, LocalBroker
+from worker.localservice import free_ports
 
 pytestmark = pytest.mark.kafka
 CODEC = Codec()

@@ -16,7 +16,7 @@ from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from tests.kafkatools import WorkerThread, committed_offsets, end_offsets, read_topic, wait_until
 from worker import traffic
 from worker.codec import Codec
-from worker.localbroker import free_ports
+from worker.localservice import free_ports
 from worker.localregistry import LocalRegistry, RegistryError
 from worker.model import OnnxScorer
 from worker.records import Transaction

@@ -19,7 +19,8 @@ from .codec import Codec, DecodeError
 from .kafka import (
     committed_offsets, create_topics, end_offsets, plain_producer, read_topic, send, set_topic_writable,
 )
-from .localbroker import LocalBroker, broker_home, free_ports
+from .localbroker import LocalBroker, broker_home
+from .localservice import free_ports
 from .records import Transaction
 from .replica import Replica
 from .settings import Settings

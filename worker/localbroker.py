@@ -15,7 +15,6 @@ from pathlib import Path
 
 from .kafka import answers
 from .localservice import CACHE, LocalProcess, local_home, require
-from .localservice import checkout_dir, free_ports  # noqa: F401 - callers import them from here
 
 KAFKA_VERSION = os.environ.get("FRAUD_KAFKA_VERSION", "4.4.0")
 LOG4J_VERSION = "2.24.3"
