@@ -103,6 +103,7 @@ class Worker:
         self._registry_backoff = _REGISTRY_BACKOFF_S[0]
         self._not_yet_back: set[TP] | None = None  # input partitions not yet reset since the topic went missing
         self.kafka: KafkaIO | None = None
+        self._started = False
         m = scorer.manifest
         self.metrics.model.info({"name": m.name, "version": m.version, "sha256": m.sha256})
         self.health.model_loaded = True
@@ -114,6 +115,8 @@ class Worker:
         authenticated against within FRAUD_STARTUP_TIMEOUT_S, or a topic is missing. Nothing is consumed.
         `offline` stops after the clients are created (for image builds, where no broker runs).
         """
+        if self._started:
+            return
         if self.kafka is None:
             try:
                 self.kafka = KafkaIO(self.settings, self._on_assign, self._on_revoke, self._on_error, self._on_commit,
@@ -124,6 +127,7 @@ class Worker:
             self.check_topics()
             if self.settings.registry_config():
                 self._connect_registry()
+            self._started = True
 
     def _connect_registry(self) -> None:
         """Register the verdict schema under `<verdict topic>-value`; verdicts then carry its id (wire format)."""
@@ -496,7 +500,8 @@ class Worker:
         outstanding = self._drain(self._time_left()) if self.kafka else 0
         if self.kafka:
             self._commit(asynchronous=False)
-            if not self.kafka.close(self._time_left()):
+            # Only a broker that is away can hold close() past the deadline; otherwise close as librdkafka intends.
+            if not self.kafka.close(None if self.health.broker_reachable else self._time_left()):
                 log.warning("consumer_close_timed_out", detail="the group drops this member after session.timeout.ms")
         log.info("worker_stopped", reason=self.fatal or "stop requested", unacknowledged=outstanding)
         return 1 if self.fatal else 0

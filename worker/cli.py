@@ -129,7 +129,9 @@ def _check(args) -> int:
     m = worker.scorer.manifest
     print(json.dumps({"model": m.name, "version": m.version, "sha256": m.sha256, "features": len(m.features),
                       "thresholds": m.thresholds.model_dump(), "bootstrap_servers": settings.bootstrap_servers,
-                      "topics": [settings.input_topic, settings.verdict_topic, settings.dead_letter_topic]}))
+                      "topics": [settings.input_topic, settings.verdict_topic, settings.dead_letter_topic],
+                      "input_schema": str(settings.input_schema or "schemas/transaction.avsc"),
+                      "schema_registry_url": settings.schema_registry_url}))
     return 0
 
 

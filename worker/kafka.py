@@ -425,12 +425,16 @@ class KafkaIO:
         return out
 
     def close(self, timeout: float | None = None) -> bool:
-        """Leave the group and close the consumer within `timeout` seconds; False if it did not finish in time.
+        """Leave the group and close the consumer, within `timeout` seconds if given; False if it did not finish.
 
-        librdkafka's close has no timeout of its own (it waits for the coordinator while the broker is away), so it
-        runs in a daemon thread that the process may leave behind. The producers are closed by garbage collection.
+        librdkafka's close has no timeout of its own (it waits for the coordinator while the broker is away), so with
+        a timeout it runs in a daemon thread that the process may leave behind. The producers are closed by garbage
+        collection.
         """
-        # The revoke callback runs in this thread; its log lines keep the caller's bound context (worker_id, group).
+        if timeout is None:
+            self.consumer.close()
+            return True
+        # The revoke callback runs in that thread; its log lines keep the caller's bound context (worker_id, group).
         context = contextvars.copy_context()
         closer = threading.Thread(target=context.run, args=(self.consumer.close,), name="consumer-close", daemon=True)
         closer.start()

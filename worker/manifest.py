@@ -149,7 +149,8 @@ class Manifest(BaseModel):
         for f in self.features:
             kind = field_kind(schema, f.source)
             if kind is None:
-                return f"unknown feature source field {f.source!r} in {schema.get('name')}"
+                return (f"unknown feature source field {f.source!r} in {schema.get('name')}; its fields are "
+                        f"{', '.join(leaf_paths(schema))}")
             wanted = _KINDS_FOR[f.transform]
             if kind.lstrip("?") not in wanted:
                 return f"feature {f.source!r}: {f.transform} needs a {'/'.join(sorted(wanted))} field, not {kind.lstrip('?')}"
@@ -221,6 +222,20 @@ _KINDS_FOR = {
 }
 
 
+def leaf_paths(schema: dict, prefix: str = "") -> list[str]:
+    """The dotted paths of a record schema's non-record fields, nested records included."""
+    out = []
+    for f in schema.get("fields", []):
+        node = f["type"]
+        branches = [b for b in node if b != "null"] if isinstance(node, list) else [node]
+        inner = branches[0] if len(branches) == 1 else None
+        if isinstance(inner, dict) and inner.get("type") == "record":
+            out += leaf_paths(inner, f"{prefix}{f['name']}.")
+        else:
+            out.append(prefix + f["name"])
+    return out
+
+
 def field_kind(schema: dict, path: str) -> str | None:
     """The kind of the field at a dotted path of an Avro record schema (int, long, float, double, boolean, string,
     enum, decimal, timestamp, bytes, fixed, record, array, map), prefixed by "?" when null is allowed on the way;
@@ -256,5 +271,6 @@ def _kind(node) -> str:
 
 def _one_line(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg']}" for e in exc.errors())
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg'].removeprefix('Value error, ')}"
+                         for e in exc.errors())
     return str(exc).replace("\n", " ")

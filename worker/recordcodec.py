@@ -184,6 +184,8 @@ def load_input_schema(path: Path | None) -> dict | None:
         parsed = fastavro.parse_schema(raw)
     except FileNotFoundError:
         raise ManifestError(f"input schema not found: {path}") from None
+    except KeyError as exc:
+        raise ManifestError(f"input schema {path} is not a valid Avro schema: it has no {exc} key (is it an .avsc?)") from None
     except Exception as exc:
         raise ManifestError(f"input schema {path} is not a valid Avro schema: {exc}") from None
     if parsed.get("type") != "record":

@@ -56,6 +56,9 @@ def register(client: SchemaRegistryClient, subject: str, schema: dict) -> int:
     except SchemaRegistryError as exc:
         if _transient(exc):
             raise RegistryUnavailable(_describe(exc)) from None
+        if exc.http_status_code == 404 and exc.error_code in (None, -1):
+            raise ValueError("the URL is not a Confluent-compatible Schema Registry API (for Apicurio, it ends in "
+                             "/apis/ccompat/v7)") from None
         raise
     except Exception as exc:  # httpx's transport errors: the registry is away
         raise RegistryUnavailable(_describe(exc)) from None

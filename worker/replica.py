@@ -21,6 +21,7 @@ class Replica:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUD_")}
         env.update(settings.to_env())
+        env["PYTHONUNBUFFERED"] = "1"  # every log line reaches the file, even if the process is killed
         env.update(extra_env)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "worker", "run"], cwd=ROOT, env=env,
