@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -15,22 +14,13 @@ import fastavro
 import numpy as np
 import pytest
 
+from examples.bank import train  # examples/bank is a namespace package, on the path from the repository root
+
 ROOT = Path(__file__).resolve().parent.parent
 BANK = ROOT / "examples" / "bank"
 MANIFEST_KEYS = ["name", "version", "model_file", "sha256", "input", "output", "output_column", "id_field",
                  "card_field", "event_time_field", "copy_fields", "features", "thresholds"]
 
-
-def _load(name: str, path: Path):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-train = _load("bank_train", BANK / "train.py")
 synth = train.synth
 
 
