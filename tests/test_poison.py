@@ -98,9 +98,13 @@ def _run_and_audit(s, cases: list[Case]) -> None:
     assert committed_offsets(s) == end_offsets(s, s.input_topic)
 
 
-def test_refused_verdict_among_identical_values_dead_letters_exactly_the_refused_one(settings_for):
+DELIVERY = pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])
+
+
+@DELIVERY
+def test_refused_verdict_among_identical_values_dead_letters_exactly_the_refused_one(settings_for, delivery):
     """A verdict refused for its 250 kB key is dead-lettered as that input; three inputs with the same value get verdicts."""
-    s = settings_for(create=False)
+    s = settings_for(create=False, delivery=delivery)
     _create(s, {"max.message.bytes": str(VERDICT_LIMIT)}, {})
     txn = traffic.stamp(next(traffic.generated(1, seed=1, prefix="same")), NOW_MS)
     value = _value(txn)
@@ -148,10 +152,12 @@ def _corpus() -> list[Case]:
     return cases
 
 
-def test_poison_corpus_every_input_ends_in_exactly_one_place(settings_for):
+@DELIVERY
+def test_poison_corpus_every_input_ends_in_exactly_one_place(settings_for, delivery):
     """Oversized values, keys and headers, identical values, null and empty values, binary headers, non-canonical
-    varints and timestamps the dead-letter topic refuses, mixed into valid traffic: one verdict or one dead letter each."""
-    s = settings_for(create=False)
+    varints and timestamps the dead-letter topic refuses, mixed into valid traffic: one verdict or one dead letter each,
+    in both delivery modes (exactly-once: as a read_committed reader sees the topics)."""
+    s = settings_for(create=False, delivery=delivery)
     _create(s, {"max.message.bytes": str(VERDICT_LIMIT), "cleanup.policy": "compact"},
             {"max.message.bytes": str(DEAD_LETTER_LIMIT), "message.timestamp.before.max.ms": str(86_400_000),
              "message.timestamp.after.max.ms": str(3_600_000)})

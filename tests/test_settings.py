@@ -164,6 +164,7 @@ WEAKENING = [  # (setting, key, JSON value): unsafe values of every value-guarde
     ("producer_config", "enable.idempotence", '"false"'),
     ("producer_config", "enable.idempotence", "false"),
     ("producer_config", "enable.idempotence", '"0"'),
+    ("consumer_config", "isolation.level", '"read_uncommitted"'),
 ]
 OWNED = [  # (key, the FRAUD_ setting the error points to, or None when there is none)
     ("bootstrap.servers", "FRAUD_BOOTSTRAP_SERVERS"),
@@ -180,7 +181,7 @@ OWNED = [  # (key, the FRAUD_ setting the error points to, or None when there is
     ("ssl.ca.location", "FRAUD_SSL_CA_LOCATION"),
     ("ssl.certificate.location", "FRAUD_SSL_CERTIFICATE_LOCATION"),
     ("ssl.key.location", "FRAUD_SSL_KEY_LOCATION"),
-    ("transactional.id", None),
+    ("transactional.id", "FRAUD_DELIVERY"),
     ("on_commit", None),
     ("on_delivery", None),
     ("error_cb", None),

@@ -124,11 +124,12 @@ def _verdict_count(s) -> int:
     return sum(end_offsets(s, s.verdict_topic).values())
 
 
-@pytest.mark.parametrize("protocol", ["classic", "consumer"])
-def test_sigterm_of_one_replica_loses_and_duplicates_nothing(protocol, settings_for, tmp_path):
+@pytest.mark.parametrize("protocol, delivery", [("classic", "at_least_once"), ("consumer", "at_least_once"),
+                                                ("consumer", "exactly_once")])
+def test_sigterm_of_one_replica_loses_and_duplicates_nothing(protocol, delivery, settings_for, tmp_path):
     """Two replicas share the partitions; SIGTERM of one mid-stream leaves exactly one verdict per transaction, with
-    either group protocol."""
-    s = settings_for(partitions=6, group_protocol=protocol,
+    either group protocol and either delivery mode."""
+    s = settings_for(partitions=6, group_protocol=protocol, delivery=delivery,
                      **({"consumer_config": {}} if protocol == "consumer" else {}))
     n = 30_000
     a = WorkerProcess(s.model_copy(update={"worker_id": "replica-a"}), tmp_path / "a.log")
@@ -149,9 +150,11 @@ def test_sigterm_of_one_replica_loses_and_duplicates_nothing(protocol, settings_
     _assert_all_committed(s)
 
 
-def test_sigkill_and_restart_gives_every_transaction_a_verdict(settings_for, tmp_path, record_property):
-    """SIGKILL of a worker mid-stream and a restart leave at least one verdict per transaction; duplicates are counted."""
-    s = settings_for(partitions=6)
+@pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])
+def test_sigkill_and_restart_gives_every_transaction_a_verdict(delivery, settings_for, tmp_path, record_property):
+    """SIGKILL of a worker mid-stream and a restart leave at least one verdict per transaction (exactly one, as a
+    read_committed reader sees them, in exactly-once mode); duplicates are counted."""
+    s = settings_for(partitions=6, delivery=delivery)
     n = 20_000
     first = WorkerProcess(s, tmp_path / "first.log")
     assert first.wait_assigned(), first.log()[-2000:]
@@ -167,6 +170,9 @@ def test_sigkill_and_restart_gives_every_transaction_a_verdict(settings_for, tmp
     counts = Counter(v["transaction_id"] for v in verdicts)
     duplicates = sum(c - 1 for c in counts.values())
     record_property("duplicates_after_sigkill", duplicates)
-    print(f"\nSIGKILL mid-stream: {n} transactions, {len(counts)} with a verdict, {duplicates} duplicates")
+    print(f"\nSIGKILL mid-stream ({delivery}): {n} transactions, {len(counts)} with a verdict, {duplicates} duplicates")
     assert len(counts) == n
+    if delivery == "exactly_once":
+        assert duplicates == 0
+        assert "transactions_initialised" in second.log()
     _assert_all_committed(s)

@@ -13,7 +13,8 @@ from confluent_kafka import KafkaError, KafkaException
 from .codec import Codec
 from .recordcodec import RecordCodec, input_codec
 from .kafka import (
-    RECORD_ERRORS, ConfigError, Interrupted, KafkaFatal, KafkaIO, Refused, TopicWatch, client_config, describe_topics,
+    RECORD_ERRORS, Aborting, ConfigError, Interrupted, KafkaFatal, KafkaIO, Refused, TopicWatch, client_config,
+    describe_topics, transactional_id,
 )
 from .logs import FirstSeen, get_logger
 from .metrics import Health, Metrics
@@ -31,18 +32,28 @@ _POLL_BLOCK_S = 0.5
 _REPEAT_QUIET_S = 30.0
 # Retries of a batch whose writer schema could not be fetched: first wait, longest wait (seconds).
 _REGISTRY_BACKOFF_S = (1.0, 30.0)
+# Delivery errors of records purged by our own abort_transaction().
+_PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
+# Delivery errors that no retry can fix: the worker stops loudly rather than abort transactions forever.
+_DENIED = frozenset({KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+                     KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED, KafkaError.UNKNOWN_TOPIC_OR_PART})
+# Transactions aborted in a row for refusals that no record alone explains, before the worker gives up.
+_INNOCENT_ROUNDS = 3
+# Probes of one output that may end without the broker's answer on it, before the worker gives up.
+_PROBE_ATTEMPTS = 5
 
 
 class _Ticket:
     """One batch's outputs awaiting acknowledgement; when the last arrives, its slices are acknowledged at once."""
 
-    __slots__ = ("worker", "outcome", "slices", "outstanding", "refused", "dead_letter_stages")
+    __slots__ = ("worker", "outcome", "slices", "outstanding", "refused", "dead_letter_stages", "void")
 
     def __init__(self, worker: Worker, outcome: BatchOutcome, slices: list[Slice]):
         self.worker, self.outcome, self.slices = worker, outcome, slices
         self.outstanding = len(outcome.scored) + len(outcome.dead_letters)
         self.refused: set[int] = set()
         self.dead_letter_stages: list[str] = []
+        self.void = False  # its transaction was aborted: late reports change nothing
 
     def verdict_delivered(self, i: int, err: KafkaError | None) -> None:
         """librdkafka's delivery report for verdict i of the batch (i is its identity, never its bytes)."""
@@ -54,7 +65,7 @@ class _Ticket:
     def acked(self) -> None:
         """One output of the batch was acknowledged."""
         self.outstanding -= 1
-        if self.outstanding == 0:
+        if self.outstanding == 0 and not self.void:
             self.worker._batch_acked(self)
 
 
@@ -64,6 +75,31 @@ class _Step(IntEnum):
     BATCHED = 0
     ALONE = 1
     ADJUSTED = 2
+
+
+class _Transaction:
+    """The open exactly-once transaction: its batches, where each partition started, and what went wrong."""
+
+    def __init__(self) -> None:
+        self.tickets: list[_Ticket] = []
+        self.starts: dict[TP, int] = {}  # first offset of each input partition in the transaction
+        self.ends: dict[TP, int] = {}  # last offset of each input partition in the transaction
+        self.suspects: list[tuple[_Ticket, int] | tuple[DeadLetter, _Step]] = []  # outputs refused by record errors
+        self.failed: str | None = None  # why it must be aborted
+
+
+class _Fate:
+    """How a record's output is sent after a probe showed the topic refuses it as it was (exactly-once)."""
+
+    __slots__ = ("verdict_refusal", "adjusted_refusal")
+
+    def __init__(self) -> None:
+        self.verdict_refusal: str | None = None  # the verdict is refused: the record becomes a `produce` dead letter
+        self.adjusted_refusal: str | None = None  # its dead letter is refused: send the adjusted one
+
+
+def _where(m: Message) -> tuple[str, int, int]:
+    return m.topic(), m.partition(), m.offset()
 
 
 class StartupError(RuntimeError):
@@ -104,6 +140,13 @@ class Worker:
         self._not_yet_back: set[TP] | None = None  # input partitions not yet reset since the topic went missing
         self.kafka: KafkaIO | None = None
         self._started = False
+        self.exactly_once = settings.delivery == "exactly_once"
+        self._txn = _Transaction()
+        self._fates: dict[tuple[str, int, int], _Fate] = {}
+        # Input ranges (last offset per partition) whose outputs are sent one per produce request: every refused
+        # output passed its probe alone, so only their batching was refused (RECORD_LIST_TOO_LARGE and the like).
+        self._one_at_a_time: dict[TP, int] = {}
+        self._innocent_rounds = 0
         m = scorer.manifest
         self.metrics.model.info({"name": m.name, "version": m.version, "sha256": m.sha256})
         self.health.model_loaded = True
@@ -127,7 +170,19 @@ class Worker:
             self.check_topics()
             if self.settings.registry_config():
                 self._connect_registry()
+            if self.exactly_once:
+                self._init_transactions()
             self._started = True
+
+    def _init_transactions(self) -> None:
+        """Register the transactional.id (fencing a predecessor with the same id and aborting its transaction)."""
+        tid = transactional_id(self.settings)
+        try:
+            self.kafka.init_transactions(self.settings.startup_timeout_s)
+        except KafkaException as exc:
+            raise StartupError(f"cannot start exactly-once delivery with transactional.id {tid}: "
+                               f"{exc.args[0].str()}") from None
+        log.info("transactions_initialised", transactional_id=tid)
 
     def _connect_registry(self) -> None:
         """Register the verdict schema under `<verdict topic>-value`; verdicts then carry its id (wire format)."""
@@ -212,7 +267,7 @@ class Worker:
                     seen = watch.generation
                     self._input_topic_changed(watch.present, watch.topic_id)
                 now = time.monotonic()
-                if now - last_commit >= commit_every:
+                if now - last_commit >= commit_every or self._txn.failed:
                     self._commit(asynchronous=True)
                     last_commit = now
                 if now - last_lag >= _LAG_INTERVAL_S:
@@ -270,7 +325,11 @@ class Worker:
                 self.health.registry_reachable = True
                 self._registry_backoff = _REGISTRY_BACKOFF_S[0]
                 log.info("schema_registry_available")
-        outcome = score_batch(msgs, self.scorer, self.codec, int(time.time() * 1000), bodies)
+        scored, fated = msgs, []
+        if self._fates:
+            scored, bodies, fated = self._fated(msgs, bodies)
+        outcome = score_batch(scored, self.scorer, self.codec, int(time.time() * 1000), bodies)
+        outcome.dead_letters += fated
         first: dict[int, int] = {}
         last: dict[int, int] = {}
         for m in msgs:
@@ -285,10 +344,22 @@ class Worker:
                     self._not_yet_back.discard((topic, p))
                 log.warning("partition_offsets_went_back", partition=p, offset=offset)
         ticket = _Ticket(self, outcome, [self.tracker.open((topic, p), offset, 1) for p, offset in last.items()])
-        self.kafka.produce_all(self.settings.verdict_topic, [m.key() for m in outcome.scored], outcome.encoded,
-                               ticket.verdict_delivered, partial(self._verdict_refused_now, ticket))
-        for dl in outcome.dead_letters:
-            self._produce_dead_letter(ticket, dl, _Step.BATCHED)
+        if self.exactly_once:
+            self._join_transaction(ticket, {(topic, p): offset for p, offset in first.items()},
+                                   {(topic, p): offset for p, offset in last.items()})
+        try:
+            self.kafka.produce_all(self.settings.verdict_topic, [m.key() for m in outcome.scored], outcome.encoded,
+                                   ticket.verdict_delivered, partial(self._verdict_refused_now, ticket))
+            for dl in outcome.dead_letters:
+                fate = self._fates.get(_where(dl.message)) if self._fates else None
+                if fate and fate.adjusted_refusal:
+                    self._produce_dead_letter(ticket, dl, _Step.ADJUSTED, fate.adjusted_refusal)
+                else:
+                    self._produce_dead_letter(ticket, dl, _Step.BATCHED)
+        except Aborting as exc:
+            self._txn.failed = self._txn.failed or str(exc)
+        finally:
+            self.kafka.one_at_a_time = False
         seconds = time.perf_counter() - t0
         self.metrics.consumed.inc(len(msgs))
         self.metrics.batch_size.observe(len(msgs))
@@ -296,6 +367,19 @@ class Worker:
         log.info("batch_scored", size=len(msgs), verdicts=len(outcome.scored),
                  dead_letters=len(outcome.dead_letters), ms=round(seconds * 1000, 2))
         return seconds
+
+    def _fated(self, msgs: list[Message], bodies: list | None) -> tuple[list[Message], list | None, list[DeadLetter]]:
+        """Split off the records whose verdict a probe found refused: they become `produce` dead letters unscored."""
+        keep, fated = [], []
+        for i, m in enumerate(msgs):
+            fate = self._fates.get(_where(m))
+            if fate and fate.verdict_refusal:
+                fated.append(DeadLetter(m, Stage.PRODUCE, "KafkaError", fate.verdict_refusal))
+            else:
+                keep.append(i)
+        if not fated:
+            return msgs, bodies, fated
+        return [msgs[i] for i in keep], None if bodies is None else [bodies[i] for i in keep], fated
 
     def _hold_for_registry(self, msgs: list[Message], error: str) -> None:
         """Put the batch back (seek to its first offsets), pause the partitions, and fetch it again after a backoff."""
@@ -307,29 +391,33 @@ class Worker:
         self._registry_retry_at = time.monotonic() + self._registry_backoff
         self._registry_backoff = min(self._registry_backoff * 2, _REGISTRY_BACKOFF_S[1])
 
+    def _dead_letter_record(self, dl: DeadLetter, step: _Step, refusal: str) -> tuple:
+        """(key, value, headers, timestamp) of a dead letter as sent at this step."""
+        msg = dl.message
+        now_ms = int(time.time() * 1000)
+        if step is _Step.ADJUSTED:
+            adj = adjusted_dead_letter(dl, refusal, self.settings.group_id, self.settings.worker_id, now_ms)
+            return adj.key, adj.value, adj.headers, adj.timestamp_ms
+        ts_type, ts = msg.timestamp()
+        return (msg.key(), msg.value(), dead_letter_headers(dl, self.settings.group_id, self.settings.worker_id, now_ms),
+                ts if ts_type and ts >= 0 else 0)
+
     def _produce_dead_letter(self, ticket: _Ticket, dl: DeadLetter, step: _Step, refusal: str = "") -> None:
         """Send a dead letter; a refused one is retried alone, then adjusted (see records.adjusted_dead_letter)."""
         msg = dl.message
-        now_ms = int(time.time() * 1000)
         if step is _Step.BATCHED:
             log.debug("dead_letter", stage=dl.stage.value, reason=dl.error_message[:300], topic=msg.topic(),
                       partition=msg.partition(), offset=msg.offset())
-        if step is _Step.ADJUSTED:
-            adj = adjusted_dead_letter(dl, refusal, self.settings.group_id, self.settings.worker_id, now_ms)
-            key, value, headers, ts = adj.key, adj.value, adj.headers, adj.timestamp_ms
+        elif step is _Step.ADJUSTED:
             log.warning("dead_letter_adjusted", refusal=refusal[:300], topic=msg.topic(), partition=msg.partition(),
                         offset=msg.offset())
-        else:
-            key, value = msg.key(), msg.value()
-            headers = dead_letter_headers(dl, self.settings.group_id, self.settings.worker_id, now_ms)
-            ts_type, ts = msg.timestamp()
-            ts = ts if ts_type and ts >= 0 else 0
+        key, value, headers, ts = self._dead_letter_record(dl, step, refusal)
         try:
             self.kafka.produce(self.settings.dead_letter_topic, key, value,
-                               partial(self._dead_letter_delivered, ticket, dl, step), headers=headers, timestamp=ts,
+                               partial(self._dead_letter_delivered, ticket, dl, step, refusal), headers=headers, timestamp=ts,
                                alone=step is not _Step.BATCHED)
         except Refused as exc:
-            self._dead_letter_refused(ticket, dl, step, exc.error, by_client=True)
+            self._dead_letter_refused(ticket, dl, step, refusal, exc.error, by_client=True)
 
     def _verdict_refused_now(self, ticket: _Ticket, i: int, err: KafkaError) -> None:
         """Verdict i was refused on its own (or by librdkafka in produce()), so it becomes a dead letter."""
@@ -339,7 +427,9 @@ class Worker:
 
     def _verdict_refused(self, ticket: _Ticket, i: int, err: KafkaError, alone: bool) -> None:
         msg = ticket.outcome.scored[i]
-        if err.code() not in RECORD_ERRORS:
+        if self.exactly_once:
+            self._transaction_refused(ticket, (ticket, i), err, "verdict", msg)
+        elif err.code() not in RECORD_ERRORS:
             self._fail(f"verdict for {msg.topic()}[{msg.partition()}]@{msg.offset()} not acknowledged: {err.str()}")
         elif not alone:
             # The broker refuses a whole produce batch for one record: retry alone before judging this one.
@@ -366,16 +456,20 @@ class Worker:
         return DeadLetter(ticket.outcome.scored[i], Stage.PRODUCE, "KafkaError",
                           f"verdict refused by the verdict topic: {err.str()}")
 
-    def _dead_letter_delivered(self, ticket: _Ticket, dl: DeadLetter, step: _Step,
+    def _dead_letter_delivered(self, ticket: _Ticket, dl: DeadLetter, step: _Step, refusal: str,
                                err: KafkaError | None, _produced) -> None:
         if err is None:
             ticket.dead_letter_stages.append(dl.stage.value)
             ticket.acked()
         else:
-            self._dead_letter_refused(ticket, dl, step, err, by_client=False)
+            self._dead_letter_refused(ticket, dl, step, refusal, err, by_client=False)
 
-    def _dead_letter_refused(self, ticket: _Ticket, dl: DeadLetter, step: _Step, err: KafkaError, by_client: bool) -> None:
+    def _dead_letter_refused(self, ticket: _Ticket, dl: DeadLetter, step: _Step, refusal: str, err: KafkaError,
+                             by_client: bool) -> None:
         m = dl.message
+        if self.exactly_once and not by_client:
+            self._transaction_refused(ticket, (dl, step, refusal), err, "dead letter", m)
+            return
         if err.code() not in RECORD_ERRORS or step is _Step.ADJUSTED:
             self._fail(f"dead letter for {m.topic()}[{m.partition()}]@{m.offset()} not acknowledged: {err.str()}")
             return
@@ -387,6 +481,10 @@ class Worker:
     def _batch_acked(self, ticket: _Ticket) -> None:
         for s in ticket.slices:
             self.tracker.ack(s)
+        if not self.exactly_once:  # counted when its transaction commits
+            self._count(ticket)
+
+    def _count(self, ticket: _Ticket) -> None:
         self.metrics.batch_acked(ticket.outcome, ticket.refused, ticket.dead_letter_stages, time.time())
 
     def _produce_redo(self) -> None:
@@ -398,6 +496,9 @@ class Worker:
             except Interrupted:
                 self._redo.insert(0, redo)
                 return
+            except Aborting as exc:  # the whole transaction is re-scored after its abort
+                self._txn.failed = self._txn.failed or str(exc)
+                self._redo.clear()
 
     def _drain(self, timeout: float) -> int:
         """Flush until every output is acknowledged (re-producing refused records as dead letters) or time runs out."""
@@ -409,6 +510,9 @@ class Worker:
             self._produce_redo()
 
     def _commit(self, asynchronous: bool, tps: set[TP] | None = None) -> None:
+        if self.exactly_once:
+            self._end_transaction()
+            return
         if asynchronous:
             positions = self.tracker.to_commit(tps)
         else:
@@ -427,6 +531,144 @@ class Worker:
             self.tracker.uncommit(positions)
             self.metrics.commit_failures.inc()
             log.warning("commit_failed", error=exc.args[0].str(), partitions=len(positions), sync=not asynchronous)
+
+    def _join_transaction(self, ticket: _Ticket, first: dict[TP, int], last: dict[TP, int]) -> None:
+        """Send this batch's outputs in the open transaction (opening one if needed), one at a time if so marked."""
+        try:
+            self.kafka.begin_transaction()
+        except KafkaException as exc:
+            raise KafkaFatal(f"cannot begin a transaction: {exc.args[0].str()}") from None
+        self._txn.tickets.append(ticket)
+        for tp, offset in first.items():
+            self._txn.starts.setdefault(tp, offset)
+            if self._one_at_a_time.get(tp, -1) >= offset:
+                self.kafka.one_at_a_time = True
+        self._txn.ends.update(last)
+
+    def _transaction_refused(self, ticket: _Ticket, suspect: tuple, err: KafkaError, what: str, m: Message) -> None:
+        """An output of the open transaction was not written: the transaction is aborted and its records re-scored."""
+        code = err.code()
+        if ticket.void or code in _PURGED:
+            return
+        if err.fatal() or code in _DENIED:
+            self._fail(f"{what} for {m.topic()}[{m.partition()}]@{m.offset()} not acknowledged: {err.str()}")
+        elif code in RECORD_ERRORS:
+            self._txn.suspects.append(suspect)
+        self._txn.failed = self._txn.failed or err.str()
+
+    def _end_transaction(self, keep: set[TP] | None = None) -> None:
+        """Commit the open transaction with its input positions, or abort it and fetch its records again.
+
+        `keep` are the partitions to fetch again after an abort (default: all assigned).
+        """
+        if not self.kafka.in_transaction or self.fatal is not None:
+            return
+        remaining = self._drain(self._time_left())
+        txn = self._txn
+        if self.fatal is not None:
+            return
+        if txn.failed or remaining:
+            self._abort(txn.failed or f"{remaining} outputs not acknowledged in time", keep)
+            return
+        positions = self.tracker.to_commit()
+        for step in (partial(self.kafka.send_offsets, positions), self.kafka.commit_transaction):
+            err = self._retrying(step)
+            if err is not None:
+                if err.fatal():
+                    self._fail(f"transaction not committed: {err.str()}")
+                else:
+                    self._abort(err.str(), keep)
+                return
+        for ticket in txn.tickets:
+            self._count(ticket)
+        self.metrics.commits.inc()
+        self._innocent_rounds = 0
+        self._txn = _Transaction()
+        if self._fates:
+            self._fates = {w: f for w, f in self._fates.items() if w[2] >= positions.get(w[:2], -1)}
+        if self._one_at_a_time:
+            self._one_at_a_time = {tp: o for tp, o in self._one_at_a_time.items() if o >= positions.get(tp, -1)}
+
+    def _abort(self, reason: str, keep: set[TP] | None = None) -> None:
+        """Abort the open transaction, probe what was refused, and seek back to where the transaction started."""
+        txn, self._txn = self._txn, _Transaction()
+        for ticket in txn.tickets:
+            ticket.void = True
+        self._redo.clear()
+        log.warning("transaction_aborted", reason=reason[:300], batches=len(txn.tickets), refused=len(txn.suspects))
+        self.metrics.aborts.labels("refused" if txn.suspects else "error").inc()
+        err = self._retrying(self.kafka.abort_transaction)
+        if err is not None:
+            self._fail(f"transaction not aborted: {err.str()}")
+            return
+        if txn.suspects and not self._probe(txn.suspects):
+            self._one_at_a_time.update(txn.ends)
+        self.tracker.forget(set(txn.starts))
+        keep = self._assigned if keep is None else keep
+        self.kafka.seek({tp: offset for tp, offset in txn.starts.items() if tp in keep})
+
+    def _retrying(self, call: Callable[[float], None]) -> KafkaError | None:
+        """Run a transactional call, repeating it while librdkafka says a retry can succeed; its final error."""
+        while True:
+            try:
+                call(min(5.0, max(0.1, self._time_left())))
+                return None
+            except KafkaException as exc:
+                err = exc.args[0]
+                if err.fatal() or err.txn_requires_abort() or not err.retriable() or self._time_left() <= 0:
+                    return err
+                self.health.beat()
+                log.info("transaction_call_retried", error=err.str()[:300])
+
+    def _probe(self, suspects: list[tuple]) -> int:
+        """Send each refused output alone (then aborted) to learn which ones the topic refuses, and record their fates.
+
+        Returns how many the topics refuse alone.
+        """
+        guilty = 0
+        for suspect in suspects:
+            if isinstance(suspect[0], _Ticket):
+                ticket, i = suspect
+                msg = ticket.outcome.scored[i]
+                err = self._probe_one(self.settings.verdict_topic, msg.key(), ticket.outcome.encoded[i], None, 0)
+                if err is None:
+                    continue
+                dl, step, refusal = self._refusal(ticket, i, err), _Step.BATCHED, ""
+                self._fates.setdefault(_where(msg), _Fate()).verdict_refusal = dl.error_message
+                self.metrics.refusals.labels("verdict", "dead_letter").inc()
+                guilty += 1
+            else:
+                dl, step, refusal = suspect
+            m = dl.message
+            if step is not _Step.ADJUSTED:
+                err = self._probe_one(self.settings.dead_letter_topic, *self._dead_letter_record(dl, _Step.ALONE, ""))
+                if err is None:
+                    continue
+                refusal, guilty = err.str(), guilty + 1
+                self._fates.setdefault(_where(m), _Fate()).adjusted_refusal = refusal
+                self.metrics.refusals.labels("dead_letter", "adjusted").inc()
+            err = self._probe_one(self.settings.dead_letter_topic, *self._dead_letter_record(dl, _Step.ADJUSTED, refusal))
+            if err is not None:
+                self._fail(f"dead letter for {m.topic()}[{m.partition()}]@{m.offset()} not acknowledged: {err.str()}")
+                return guilty
+        self._innocent_rounds = 0 if guilty else self._innocent_rounds + 1
+        if self._innocent_rounds >= _INNOCENT_ROUNDS:
+            self._fail(f"{_INNOCENT_ROUNDS} transactions in a row were refused, but no record is refused alone")
+        return guilty
+
+    def _probe_one(self, topic: str, key, value, headers, timestamp: int) -> KafkaError | None:
+        """The topic's refusal of this record alone, or None if it accepts it."""
+        for _ in range(_PROBE_ATTEMPTS):
+            try:
+                return self.kafka.probe(topic, key, value, headers, timestamp, min(5.0, max(0.1, self._time_left())))
+            except KafkaException as exc:
+                err = exc.args[0]
+                if err.fatal():
+                    break
+                log.info("probe_retried", topic=topic, error=err.str()[:300])
+                if self.kafka.in_transaction and self._retrying(self.kafka.abort_transaction) is not None:
+                    break
+        raise KafkaFatal(f"cannot learn whether {topic} accepts a refused output alone: {err.str()}")
 
     def _on_commit(self, err: KafkaError | None, positions: dict[TP, int]) -> None:
         if err is not None and err.code() != KafkaError._NO_OFFSET:
@@ -449,7 +691,15 @@ class Worker:
         return max(0.0, self._stop_deadline - time.monotonic())
 
     def _on_revoke(self, tps: set[TP], lost: bool) -> None:
-        if not lost and self.fatal is None:
+        if self.exactly_once:
+            # Commit the transaction while the partitions are ours; lost ones cannot commit, so it is aborted.
+            if lost and self.kafka.in_transaction and self.fatal is None:
+                self._abort("partitions lost", keep=self._assigned - tps)
+            elif not lost:
+                self._end_transaction(keep=self._assigned - tps)
+            self._fates = {w: f for w, f in self._fates.items() if w[:2] not in tps}
+            self._one_at_a_time = {tp: o for tp, o in self._one_at_a_time.items() if tp not in tps}
+        elif not lost and self.fatal is None:
             remaining = self._drain(self._time_left())
             self._commit(asynchronous=False, tps=tps)
             if remaining:

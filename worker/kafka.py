@@ -41,6 +41,10 @@ class Interrupted(Exception):
     """The stop event was set while waiting for room in the producer's queue."""
 
 
+class Aborting(Exception):
+    """The open transaction failed (librdkafka refuses produce() in it); it must be aborted."""
+
+
 class Refused(Exception):
     """librdkafka refused one record in produce() itself (for example larger than message.max.bytes)."""
 
@@ -111,8 +115,19 @@ def group_config(settings: Settings) -> dict:
     return conf
 
 
+def transactional_id(settings: Settings) -> str:
+    """The exactly-once producer's id: stable across restarts of one replica, so its successor fences it (KIP-98)."""
+    return f"{settings.group_id}.{settings.group_instance_id or settings.worker_id}"
+
+
 def producer_config(settings: Settings) -> dict:
-    """The producer: idempotent, acks=all, a short linger for batching."""
+    """The producer: idempotent, acks=all, a short linger for batching; transactional for exactly-once."""
+    transactional = {}
+    if settings.delivery == "exactly_once":
+        # A replica that dies holds its open transaction, and so every read_committed reader of the partitions it
+        # wrote, until the coordinator aborts it: after transaction.timeout.ms (Kafka's default 60 s) unless a
+        # successor with the same id starts first.
+        transactional = {"transactional.id": transactional_id(settings), "transaction.timeout.ms": 10_000}
     return {
         **client_config(settings),
         "enable.idempotence": True,
@@ -123,6 +138,7 @@ def producer_config(settings: Settings) -> dict:
         "queue.buffering.max.kbytes": 65536,
         # Also the size of the delivery-slot ring (DeliverySlots); a quarter second of output at full speed.
         "queue.buffering.max.messages": 32768,
+        **transactional,
         **settings.producer_config,
     }
 
@@ -258,6 +274,11 @@ class KafkaIO:
     ):
         """Create the clients; raise ConfigError if librdkafka refuses the configuration."""
         self.settings = settings
+        self.transactional = settings.delivery == "exactly_once"
+        self.in_transaction = False
+        # Each record in a produce request of its own (flushed before the next): for records that a topic accepts
+        # alone but refuses in a batch, inside a transaction, where the batch.num.messages=1 producer cannot be used.
+        self.one_at_a_time = False
         self.failed, self.stopping = failed, stopping
         self._on_assign, self._on_revoke = on_assign, on_revoke
         common = {"error_cb": on_error}
@@ -320,10 +341,14 @@ class KafkaIO:
     def hold(self, msgs: list[Message]) -> None:
         """Pause every assigned partition and seek those of `msgs` back to their first offset there."""
         self.consumer.pause(self.consumer.assignment())
-        first: dict[tuple[str, int], int] = {}
+        first: dict[TP, int] = {}
         for m in msgs:
             first.setdefault((m.topic(), m.partition()), m.offset())
-        for (topic, partition), offset in first.items():
+        self.seek(first)
+
+    def seek(self, positions: dict[TP, int]) -> None:
+        """Fetch these partitions again from these offsets; raise KafkaFatal if one cannot be sought."""
+        for (topic, partition), offset in positions.items():
             try:
                 self.consumer.seek(TopicPartition(topic, partition, offset))
             except KafkaException as exc:
@@ -353,19 +378,21 @@ class KafkaIO:
         Raises Refused when librdkafka refuses this record itself, KafkaFatal when the topic is unusable, and
         Interrupted when the worker stops or fails while waiting for room.
         """
+        alone = alone and not self.transactional  # a transaction's records are probed alone instead (probe())
         if alone and self._single is None:
             self._single = Producer(self._single_config)
         producer = self._single if alone else self.producer
         while True:
             try:
                 producer.produce(topic, value, key, on_delivery=on_delivery, headers=headers, timestamp=timestamp)
+                if self.one_at_a_time:
+                    producer.flush()
                 return
             except BufferError:
                 self._wait_for_room(producer, topic)
             except KafkaException as exc:
-                if exc.args[0].code() in RECORD_ERRORS:
-                    raise Refused(exc.args[0]) from None
-                raise KafkaFatal(f"cannot produce to {topic}: {exc.args[0].str()}") from None
+                self._refused(topic, exc.args[0])
+                raise Refused(exc.args[0]) from None
 
     def produce_all(self, topic: str, keys: list[bytes | None], values: list[bytes],
                     on_delivery: Callable[[int, KafkaError | None], None],
@@ -373,6 +400,14 @@ class KafkaIO:
         """Queue record i of many, reported by `on_delivery(i, err)`; one librdkafka refuses goes to `refused(i, err)`."""
         produce = self.producer.produce
         callbacks = self._slots.claim(on_delivery, len(values))
+        if self.one_at_a_time:
+            self.producer.flush()
+            for i, (key, value, callback) in enumerate(zip(keys, values, callbacks)):
+                try:
+                    self.produce(topic, key, value, callback)
+                except Refused as exc:
+                    refused(i, exc.error)
+            return
         for i, (key, value, callback) in enumerate(zip(keys, values, callbacks)):
             try:
                 produce(topic, value, key, on_delivery=callback)
@@ -382,9 +417,16 @@ class KafkaIO:
                 except Refused as exc:
                     refused(i, exc.error)
             except KafkaException as exc:
-                if exc.args[0].code() not in RECORD_ERRORS:
-                    raise KafkaFatal(f"cannot produce to {topic}: {exc.args[0].str()}") from None
+                self._refused(topic, exc.args[0])
                 refused(i, exc.args[0])
+
+    def _refused(self, topic: str, err: KafkaError) -> None:
+        """Return if produce() refused the record itself; else raise Aborting or KafkaFatal."""
+        if err.code() in RECORD_ERRORS:
+            return
+        if self.transactional and err.code() == KafkaError._STATE:
+            raise Aborting(err.str())
+        raise KafkaFatal(f"cannot produce to {topic}: {err.str()}")
 
     def _wait_for_room(self, producer: Producer, topic: str) -> None:
         producer.poll(0.05)
@@ -406,6 +448,58 @@ class KafkaIO:
         if self._single is not None:
             remaining += self._single.flush(max(0.0, deadline - time.monotonic()))
         return remaining
+
+    def init_transactions(self, timeout: float) -> None:
+        """Register the transactional.id; aborts the open transaction of a predecessor with the same id."""
+        self.producer.init_transactions(timeout)
+
+    def begin_transaction(self) -> None:
+        """Open a transaction if none is open."""
+        if not self.in_transaction:
+            self.producer.begin_transaction()
+            self.in_transaction = True
+
+    def send_offsets(self, positions: dict[TP, int], timeout: float) -> None:
+        """Add the consumed positions to the open transaction; raises KafkaException.
+
+        The group metadata lets the coordinator refuse the offsets of a member that lost its partitions (KIP-447).
+        """
+        if positions:
+            self.producer.send_offsets_to_transaction(
+                [TopicPartition(t, p, o) for (t, p), o in positions.items()], self.consumer.consumer_group_metadata(),
+                timeout)
+
+    def commit_transaction(self, timeout: float) -> None:
+        """Commit the open transaction; raises KafkaException."""
+        self.producer.commit_transaction(timeout)
+        self.in_transaction = False
+
+    def abort_transaction(self, timeout: float) -> None:
+        """Abort the open transaction; librdkafka fails its unsent records with _PURGE_QUEUE. Raises KafkaException."""
+        self.producer.abort_transaction(timeout)
+        self.in_transaction = False
+
+    def probe(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None, timestamp: int,
+              timeout: float) -> KafkaError | None:
+        """Why `topic` refuses this record alone, or None: sent by itself in a transaction that is then aborted.
+
+        Raises KafkaException when the broker gives no answer on the record itself (a refused probe leaves a gap in
+        the producer's sequence numbers; the epoch bump that repairs it can purge the next probe).
+        """
+        reports: list[KafkaError | None] = []
+        self.begin_transaction()
+        try:
+            self.producer.produce(topic, value, key, headers=headers, timestamp=timestamp,
+                                  on_delivery=lambda err, _msg: reports.append(err))
+        except KafkaException as exc:
+            if exc.args[0].code() not in RECORD_ERRORS:
+                raise
+            reports.append(exc.args[0])
+        self.producer.flush(timeout)
+        self.abort_transaction(timeout)
+        if reports and (reports[0] is None or reports[0].code() in RECORD_ERRORS):
+            return reports[0]
+        raise KafkaException(reports[0] if reports else KafkaError(KafkaError._TIMED_OUT, "no delivery report"))
 
     def commit(self, positions: dict[TP, int], asynchronous: bool) -> None:
         """Commit the given next-offsets."""

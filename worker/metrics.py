@@ -33,6 +33,8 @@ class Metrics:
         self.lag = Gauge("fraud_worker_consumer_lag", "Messages behind the end of each assigned partition.", ["topic", "partition"], registry=r)
         self.commits = Counter("fraud_worker_commits", "Offset commits sent.", registry=r)
         self.commit_failures = Counter("fraud_worker_commit_failures", "Offset commits that failed.", registry=r)
+        self.aborts = Counter("fraud_worker_transactions_aborted", "Transactions aborted (exactly-once), by reason.",
+                              ["reason"], registry=r)
         self.fraud_rate = Gauge("fraud_worker_fraud_rate", "Share of verdicts with is_fraud since start.", registry=r)
         self.assigned = Gauge("fraud_worker_assigned_partitions", "Input partitions assigned to this worker.", registry=r)
         self.model = Info("fraud_worker_model", "The model in use.", registry=r)

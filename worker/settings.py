@@ -54,7 +54,9 @@ GUARDED_KEYS: dict[str, tuple[Callable[[str], bool], str]] = {
     "request.required.acks": _ACKS,
     "enable.idempotence": (_TRUE, "would let producer retries duplicate or reorder verdicts "
                                   "(the worker's producer is idempotent)"),
-    "transactional.id": (_NEVER, "would make the producer transactional, which the worker does not drive"),
+    "transactional.id": _owned("FRAUD_DELIVERY=exactly_once (the id is the group and FRAUD_GROUP_INSTANCE_ID)"),
+    "isolation.level": (_one_of("read_committed"), "would score records of aborted upstream transactions "
+                                                   "(the worker reads read_committed)"),
     "bootstrap.servers": _owned("FRAUD_BOOTSTRAP_SERVERS"),
     "metadata.broker.list": _owned("FRAUD_BOOTSTRAP_SERVERS"),
     "group.id": _owned("FRAUD_GROUP_ID"),
@@ -75,7 +77,7 @@ GUARDED_KEYS: dict[str, tuple[Callable[[str], bool], str]] = {
                      "dr_cb", "dr_msg_cb"], (_NEVER, "is a Python callback the worker sets itself")),
 }
 # Values of guarded keys that errors show; anything else might be a secret pasted into the wrong place.
-_SHOWN = {"true", "false", "t", "f", "all", "earliest", "smallest", "beginning", "latest", "largest", "end",
+_SHOWN = {"read_committed", "read_uncommitted", "true", "false", "t", "f", "all", "earliest", "smallest", "beginning", "latest", "largest", "end",
           "error", "none"}
 _JSON_KINDS = {type(None): "null", dict: "an object", list: "a list", float: "a non-finite number"}
 
@@ -115,6 +117,9 @@ class Settings(BaseSettings):
     input_topic: str = Field("transactions", min_length=1, description="Topic of Avro transactions.")
     verdict_topic: str = Field("fraud-verdicts", min_length=1, description="Topic the verdicts go to.")
     dead_letter_topic: str = Field("transactions-dlq", min_length=1, description="Topic of unscorable messages.")
+    delivery: Literal["at_least_once", "exactly_once"] = Field(
+        "at_least_once", description="at_least_once, or exactly_once: verdicts, dead letters and offsets in one "
+                                     "Kafka transaction (readers use isolation.level=read_committed).")
     group_protocol: Literal["classic", "consumer"] = Field(
         "classic", description="Consumer group protocol: classic, or consumer (KIP-848, Kafka 4.0+).")
     group_instance_id: str | None = Field(
