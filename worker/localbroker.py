@@ -158,6 +158,9 @@ class LocalBroker(LocalProcess):
             "group.consumer.session.timeout.ms=10000",
             "group.consumer.min.heartbeat.interval.ms=500",
             "group.consumer.heartbeat.interval.ms=1000",
+            # A transaction left open by a dead producer holds back read_committed readers until it is aborted:
+            # look for expired ones every second (Kafka's default: every 10 s after transaction.timeout.ms).
+            "transaction.abort.timed.out.transaction.cleanup.interval.ms=1000",
             "log.retention.hours=24",
             *extra,
         ]
