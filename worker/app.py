@@ -151,12 +151,13 @@ class Worker:
         self.metrics.model.info({"name": m.name, "version": m.version, "sha256": m.sha256})
         self.health.model_loaded = True
 
-    def start(self, offline: bool = False) -> None:
+    def start(self, offline: bool = False, fence: bool = True) -> None:
         """The start-up path shared by `run` and `check`: create the clients, reach the broker, find the topics.
 
         Raises StartupError with one line when librdkafka refuses the configuration, the broker cannot be reached or
         authenticated against within FRAUD_STARTUP_TIMEOUT_S, or a topic is missing. Nothing is consumed.
-        `offline` stops after the clients are created (for image builds, where no broker runs).
+        `offline` stops after the clients are created (for image builds, where no broker runs). `fence=False` skips
+        registering the transactional.id, which would fence a live replica with the same id (for `check`).
         """
         if self._started:
             return
@@ -170,12 +171,14 @@ class Worker:
             self.check_topics()
             if self.settings.registry_config():
                 self._connect_registry()
-            if self.exactly_once:
+            if self.exactly_once and fence:
                 self._init_transactions()
             self._started = True
 
     def _init_transactions(self) -> None:
-        """Register the transactional.id (fencing a predecessor with the same id and aborting its transaction)."""
+        """Register the transactional.id (fencing a predecessor with the same id and aborting its transaction).
+
+        """
         tid = transactional_id(self.settings)
         try:
             self.kafka.init_transactions(self.settings.startup_timeout_s)

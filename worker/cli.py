@@ -116,13 +116,14 @@ def _load_scorer(settings):
 def _check(args) -> int:
     """The real start-up path (settings, model, clients, broker, authentication, topics), then exit; 0 when all pass."""
     from .app import StartupError, Worker
+    from .kafka import transactional_id
     from .manifest import ManifestError
 
     settings = load_settings()
     logs.configure("ERROR")
     try:
         worker = Worker(settings, _load_scorer(settings))
-        worker.start(offline=args.offline)
+        worker.start(offline=args.offline, fence=False)
     except (ManifestError, StartupError) as exc:
         raise StartupFailure(str(exc)) from None
     worker.kafka.close()
@@ -131,7 +132,8 @@ def _check(args) -> int:
                       "thresholds": m.thresholds.model_dump(), "bootstrap_servers": settings.bootstrap_servers,
                       "topics": [settings.input_topic, settings.verdict_topic, settings.dead_letter_topic],
                       "input_schema": str(settings.input_schema or "schemas/transaction.avsc"),
-                      "schema_registry_url": settings.schema_registry_url}))
+                      "schema_registry_url": settings.schema_registry_url, "delivery": settings.delivery,
+                      "transactional_id": transactional_id(settings) if worker.exactly_once else None}))
     return 0
 
 
