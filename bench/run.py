@@ -43,10 +43,14 @@ from worker.settings import Settings  # noqa: E402
 PORT = 59092
 QUIX_VENV = ROOT / "bench" / ".venv-quix"
 QUIX_PACKAGES = ["quixstreams>=3.20,<4", "fastavro", "onnxruntime", "numpy"]
-CONTENDERS = ("worker", "ceiling", "worker_batch1", "quix_peer")
+CONTENDERS = ("worker", "worker_exactly_once", "ceiling", "worker_batch1", "quix_peer")
+# Worker contenders: their settings beyond the defaults.
+WORKERS = {"worker": {}, "worker_profiled": {}, "worker_batch1": {"batch_max_size": 1},
+           "worker_exactly_once": {"delivery": "exactly_once"}}
 SAMPLE_EVERY = 10
 METHOD = {
-    "throughput": "outputs / (last - first output broker timestamp); output topics use LogAppendTime",
+    "throughput": "outputs / (last - first output broker timestamp); output topics use LogAppendTime; exactly-once: "
+                  "committed outputs (read_committed), progress followed by the group's committed offsets",
     "cpu": "utime+stime of the child (all threads) from /proc/<pid>/stat when the last output is on the broker, "
            "minus the same at the moment the child reported its partition assignment (start-up excluded)",
     "rss": "VmHWM from /proc/<pid>/status at the end; VmRSS sampled every second from assignment to the last output",
@@ -151,8 +155,9 @@ class Probe:
         try:
             for p, (low, high) in self.ends(topic).items():
                 if high > low:
-                    for offset, into in ((low, firsts), (high - 1, lasts)):
-                        kind, ts = _record_at(reader, topic, p, offset).timestamp()
+                    # A transactional topic ends with commit markers, which no consumer sees: read the last records.
+                    for offset, into in ((low, firsts), (max(low, high - 64), lasts)):
+                        kind, ts = _record_at(reader, topic, p, offset, last=into is lasts).timestamp()
                         into.append(ts)
                         kinds.add(kind)
         finally:
@@ -164,14 +169,19 @@ class Probe:
         self.consumer.close()
 
 
-def _record_at(consumer: Consumer, topic: str, partition: int, offset: int):
-    """The record at one offset."""
+def _record_at(consumer: Consumer, topic: str, partition: int, offset: int, last: bool = False):
+    """The first record at or after `offset`; with `last`, the last record there is (idle for a second)."""
     consumer.assign([TopicPartition(topic, partition, offset)])
-    deadline = time.monotonic() + 30
+    deadline, found = time.monotonic() + 30, None
     while time.monotonic() < deadline:
-        for m in consumer.consume(1, 1.0):
-            if m.error() is None:
-                return m
+        msgs = [m for m in consumer.consume(1000, 1.0) if m.error() is None]
+        if msgs and not last:
+            return msgs[0]
+        if not msgs and found is not None:
+            return found
+        found = msgs[-1] if msgs else found
+    if found is not None:
+        return found
     raise RuntimeError(f"no record at {topic}[{partition}]@{offset}")
 
 
@@ -194,8 +204,12 @@ def prefill(conf: dict, topic: str, count: int) -> dict:
 
 
 def drain(conf: dict, probe: Probe, child: Child, source: str, group: str, outs: list[str], expected: int,
-          on_ready: Callable[[int], None] | None = None) -> dict:
-    """Watch a child drain `source` into `outs`; return throughput, CPU per transaction, RSS and its exit code."""
+          on_ready: Callable[[int], None] | None = None, transactional: bool = False) -> dict:
+    """Watch a child drain `source` into `outs`; return throughput, CPU per transaction, RSS and its exit code.
+
+    `transactional`: outputs count once committed, which the group's committed offsets say (the output topics' end
+    offsets also count commit markers and aborted records).
+    """
     pid, t0 = child.proc.pid, time.monotonic()
     load = os.getloadavg()[0]
     try:
@@ -212,7 +226,8 @@ def drain(conf: dict, probe: Probe, child: Child, source: str, group: str, outs:
             if now >= next_sample:
                 rss.append(status_mib(pid, "VmRSS"))
                 next_sample += 1.0
-            count = probe.count(outs)
+            count = sum(max(0, o) for o in committed_offsets(conf, group, source).values()) if transactional \
+                else probe.count(outs)
             if count > seen:
                 seen, progress = count, now
             if child.proc.poll() is not None or now - progress > 120:
@@ -229,7 +244,7 @@ def drain(conf: dict, probe: Probe, child: Child, source: str, group: str, outs:
     finally:
         code = child.stop()
     first, last, ts_type = probe.span_ms(outs[0])
-    outputs = probe.count(outs)
+    outputs = expected if transactional else probe.count(outs)
     return {
         "throughput_tps": round((outputs - 1) / max((last - first) / 1000, 1e-3)),
         "drain_s": round((last - first) / 1000, 3),
@@ -255,16 +270,15 @@ def run_contender(name: str, conf: dict, probe: Probe, run_id: str, source: str,
     outs = [f"{tag}-out", f"{tag}-dlq"] if name != "ceiling" else [f"{tag}-out"]
     create_topics(conf, outs, partitions, log_append=True)
     bootstrap = conf["bootstrap.servers"]
-    if name in ("worker", "worker_profiled"):
-        child = start_worker(bootstrap, tag, source, outs, logs)
-    elif name == "worker_batch1":
-        child = start_worker(bootstrap, tag, source, outs, logs, batch_max_size=1)
+    if name in WORKERS:
+        child = start_worker(bootstrap, tag, source, outs, logs, **WORKERS[name])
     elif name == "ceiling":
         child = start_script(sys.executable, "ceiling.py", [bootstrap, outs[0], source, outs[0]], logs / f"{tag}.log")
     else:
         child = start_script(quix_python, "quix_peer.py", [bootstrap, outs[0], source, outs[0]], logs / f"{tag}.log")
     print(f"  {name:14s}", end=" ", flush=True)
-    result = drain(conf, probe, child, source, outs[0], outs, expected, on_ready)
+    result = drain(conf, probe, child, source, outs[0], outs, expected, on_ready,
+                   transactional=WORKERS.get(name, {}).get("delivery") == "exactly_once")
     print(f"{result['throughput_tps']:>9,} txn/s  {result['cpu_us_per_txn']:>7} µs/txn  "
           f"peak RSS {result['peak_rss_mib']} MiB  (exit {result['exit_code']})", flush=True)
     return result
@@ -296,12 +310,15 @@ def produce_at_rate(bootstrap: str, topic: str, rate: float, count: int, prefix:
 
 
 def latency(conf: dict, run_id: str, partitions: int, max_tps: float, fractions: list[float], seconds: float,
-            logs: Path) -> list[dict]:
-    """End-to-end latency of the default worker at fixed fractions of its drain throughput, after a warm-up."""
-    tag = f"{run_id}-latency"
+            logs: Path, contender: str = "worker") -> list[dict]:
+    """End-to-end latency of a worker contender at fixed fractions of the worker's drain throughput, after a warm-up.
+
+    The reader is read_committed (librdkafka's default), as downstream of exactly-once must be.
+    """
+    tag = f"{run_id}-latency-{contender.replace('_', '-')}"
     source, outs = f"{tag}-in", [f"{tag}-out", f"{tag}-dlq"]
     create_topics(conf, [source, *outs], partitions)
-    child = start_worker(conf["bootstrap.servers"], tag, source, outs, logs)
+    child = start_worker(conf["bootstrap.servers"], tag, source, outs, logs, **WORKERS[contender])
     reader = Consumer({**conf, "group.id": f"{tag}-reader", "auto.offset.reset": "earliest", "logger": QUIET_LOG})
     reader.subscribe([outs[0]])
     rows = []
@@ -315,7 +332,7 @@ def latency(conf: dict, run_id: str, partitions: int, max_tps: float, fractions:
         _phase(conf, reader, source, fractions[0] * max_tps, min(3.0, seconds), "warmup")
         for fraction in fractions:
             row = _phase(conf, reader, source, fraction * max_tps, seconds, f"lat{round(fraction * 100)}")
-            rows.append({"fraction": fraction, **row})
+            rows.append({"contender": contender, "fraction": fraction, **row})
             print(f"  {fraction:>4.0%} of max = {row['offered_tps']:>8,} txn/s offered: p50 {row['p50_ms']} ms, "
                   f"p95 {row['p95_ms']} ms, p99 {row['p99_ms']} ms, max {row['max_ms']} ms, "
                   f"sender lag p99 {row['sender_lag_p99_ms']} ms", flush=True)
@@ -476,10 +493,10 @@ def markdown(res: dict) -> str:
     if len(res["ratios"]["per_round"]) > 1:
         lines += ["", "Ratios per round: " + "; ".join(", ".join(f"{k} {v}" for k, v in p.items())
                                                         for p in res["ratios"]["per_round"])]
-    lines += ["", "| offered (txn/s) | % of worker max | verdicts received (txn/s) | verdicts | p50 (ms) | p95 (ms) | p99 (ms) | max (ms) | sender lag p99 (ms) |",
-              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += ["", "| contender | offered (txn/s) | % of worker max | verdicts received (txn/s) | verdicts | p50 (ms) | p95 (ms) | p99 (ms) | max (ms) | sender lag p99 (ms) |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in res["latency"]:
-        lines.append(f"| {r['offered_tps']:,} | {r['fraction']:.0%} | {r['verdict_rate_tps'] or 0:,} | {r['verdicts']:,} | "
+        lines.append(f"| {r['contender']} | {r['offered_tps']:,} | {r['fraction']:.0%} | {r['verdict_rate_tps'] or 0:,} | {r['verdicts']:,} | "
                      f"{r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['max_ms']} | {r['sender_lag_p99_ms']} |")
     return "\n".join(lines) + "\n"
 
@@ -495,7 +512,7 @@ def plot(res: dict, path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     names = list(res["contenders"])
     tps = [res["contenders"][n]["throughput_tps"] for n in names]
-    bars = a.bar(names, tps, color=["#2b6cb0", "#888888", "#dd8452", "#55a868"][: len(names)])
+    bars = a.bar(names, tps, color=["#2b6cb0", "#4a90d9", "#888888", "#dd8452", "#55a868"][: len(names)])
     a.bar_label(bars, labels=[f"{t:,}" for t in tps])
     a.set_ylabel("transactions / s (drain)")
     a.set_title(f"Drain of {res['messages']:,} transactions, one process each")
@@ -505,7 +522,8 @@ def plot(res: dict, path: Path) -> None:
         xs = [j + i * width for j in range(len(res["latency"]))]
         b.bar(xs, [r[q] for r in res["latency"]], width, label=q.removesuffix("_ms"))
     b.set_xticks([j + 0.4 - width / 2 for j in range(len(res["latency"]))],
-                 [f"{r['offered_tps']:,}/s\n({r['fraction']:.0%})" for r in res["latency"]])
+                 [f"{r['offered_tps']:,}/s\n({r['fraction']:.0%}){' EOS' if r['contender'] != 'worker' else ''}"
+                  for r in res["latency"]])
     b.set_yscale("log")
     b.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     b.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -567,6 +585,10 @@ def main() -> None:
         print(f"latency at {', '.join(f'{f:.0%}' for f in fractions)} of {max_tps:,} txn/s, {a.latency_seconds:g} s each",
               flush=True)
         res["latency"] = latency(conf, run_id, a.partitions, max_tps, fractions, a.latency_seconds, logs)
+        half = min(fractions, key=lambda f: abs(f - 0.5))
+        print(f"exactly-once latency at {half:.0%}", flush=True)
+        res["latency"] += latency(conf, run_id, a.partitions, max_tps, [half], a.latency_seconds, logs,
+                                  "worker_exactly_once")
         if a.profile:
             print("profile: one more worker drain under py-spy", flush=True)
             res["profile"] = profile_worker(conf, probe, run_id, source, a.partitions, a.messages, logs, out)
