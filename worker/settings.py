@@ -134,7 +134,9 @@ class Settings(BaseSettings):
 
     batch_max_size: int = Field(1000, ge=1, le=100_000, description="Most messages scored in one model call.")
     batch_max_wait_ms: int = Field(5, ge=0, le=10_000, description="After the first message, wait this long to fill a batch.")
-    commit_interval_ms: int = Field(200, ge=0, le=60_000, description="Least time between offset commits.")
+    commit_interval_ms: int = Field(
+        200, ge=0, le=60_000,
+        description="Least time between offset commits; with exactly-once, the length of a transaction (0: one per batch).")
     max_message_bytes: int = Field(65_536, ge=64, le=10_485_760, description="Larger input values are dead-lettered.")
     shutdown_timeout_s: float = Field(30.0, gt=0, description="Time to flush outputs and commit on stop.")
     startup_timeout_s: float = Field(15.0, gt=0, description="Time to reach the broker at start-up.")
