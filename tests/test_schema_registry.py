@@ -149,7 +149,8 @@ def test_a_hung_registry_loses_and_dead_letters_nothing(settings_for, tmp_path):
             paused_at = time.monotonic()
             _produce(s, [(t.card_id.encode(), frame(v2) + _encode(_v2(), t)) for t in later])
             wait_until(lambda: not w.worker.health.registry_reachable, 30, "readiness to say the registry is away")
-            assert w.worker.health.ready()[0] is False
+            ready, state = w.worker.health.ready()
+            assert ready and state["degraded"] and state["registry_reachable"] is False
             time.sleep(max(0.0, 10 - (time.monotonic() - paused_at)))
             assert sum(committed_offsets(s).values()) == len(first)
             registry.resume()

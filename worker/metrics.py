@@ -87,7 +87,12 @@ class BulkHistogram:
 
 
 class Health:
-    """Liveness (the loop turns) and readiness (model loaded, in the group, broker reachable, input topic there)."""
+    """Liveness (the loop turns) and readiness (started: model loaded and in the group), with what the worker depends on.
+
+    Readiness only gates a rollout: no Service sends the worker traffic. An outage of what every replica shares (the
+    broker, the registry, the input topic) is shown in /readyz but does not make a replica unready, which would stall
+    a `maxUnavailable: 0` rollout exactly when a fixed version may be needed.
+    """
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
@@ -108,10 +113,11 @@ class Health:
         return age < self.timeout_s, {"heartbeat_age_s": round(age, 3), "timeout_s": self.timeout_s}
 
     def ready(self) -> tuple[bool, dict]:
-        """Whether this worker can score now."""
-        state = {"model_loaded": self.model_loaded, "in_group": self.in_group, "broker_reachable": self.broker_reachable,
-                 "input_topic_present": self.input_topic_present, "registry_reachable": self.registry_reachable}
-        return all(state.values()) and self.live()[0], state
+        """Whether this replica started (model loaded, joined the group) and its loop turns; the shared dependencies."""
+        started = {"model_loaded": self.model_loaded, "in_group": self.in_group}
+        shared = {"broker_reachable": self.broker_reachable, "input_topic_present": self.input_topic_present,
+                  "registry_reachable": self.registry_reachable}
+        return all(started.values()) and self.live()[0], {**started, **shared, "degraded": not all(shared.values())}
 
 
 def serve(metrics: Metrics, health: Health, host: str, port: int) -> ThreadingHTTPServer:
