@@ -40,7 +40,7 @@ _DENIED = frozenset({KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_A
 # Transactions aborted in a row for refusals that no record alone explains, before the worker gives up.
 _INNOCENT_ROUNDS = 3
 # Probes of one output that may end without the broker's answer on it, before the worker gives up.
-_PROBE_ATTEMPTS = 5
+_PROBE_ATTEMPTS = 8
 
 
 class _Ticket:
@@ -255,7 +255,10 @@ class Worker:
                     self._registry_retry_at = 0.0
                     self.kafka.release()
                 revocations = self._revocations
-                msgs = self.kafka.poll_batch(self._batch_limit, s.batch_max_wait_ms / 1000.0, _POLL_BLOCK_S)
+                block = _POLL_BLOCK_S
+                if self.kafka.in_transaction:  # its verdicts are invisible until it commits: do not sleep past that
+                    block = min(block, max(0.0, last_commit + commit_every - time.monotonic()))
+                msgs = self.kafka.poll_batch(self._batch_limit, s.batch_max_wait_ms / 1000.0, block)
                 if revocations != self._revocations:
                     # consume() can return messages fetched before a revoke it ran; their new owner scores them.
                     msgs = [m for m in msgs if (m.topic(), m.partition()) in self._assigned]
@@ -624,54 +627,75 @@ class Worker:
                 log.info("transaction_call_retried", error=err.str()[:300])
 
     def _probe(self, suspects: list[tuple]) -> int:
-        """Send each refused output alone (then aborted) to learn which ones the topic refuses, and record their fates.
+        """Learn which refused outputs a topic refuses alone, and record how each is sent when re-scored.
 
-        Returns how many the topics refuse alone.
+        A verdict refused alone becomes a `produce` dead letter; a dead letter refused alone is adjusted; an adjusted
+        one refused alone stops the worker. Returns how many outputs were refused alone.
         """
-        guilty = 0
-        for suspect in suspects:
-            if isinstance(suspect[0], _Ticket):
-                ticket, i = suspect
-                msg = ticket.outcome.scored[i]
-                err = self._probe_one(self.settings.verdict_topic, msg.key(), ticket.outcome.encoded[i], None, 0)
-                if err is None:
-                    continue
-                dl, step, refusal = self._refusal(ticket, i, err), _Step.BATCHED, ""
-                self._fates.setdefault(_where(msg), _Fate()).verdict_refusal = dl.error_message
-                self.metrics.refusals.labels("verdict", "dead_letter").inc()
-                guilty += 1
-            else:
-                dl, step, refusal = suspect
-            m = dl.message
-            if step is not _Step.ADJUSTED:
-                err = self._probe_one(self.settings.dead_letter_topic, *self._dead_letter_record(dl, _Step.ALONE, ""))
-                if err is None:
-                    continue
-                refusal, guilty = err.str(), guilty + 1
-                self._fates.setdefault(_where(m), _Fate()).adjusted_refusal = refusal
-                self.metrics.refusals.labels("dead_letter", "adjusted").inc()
-            err = self._probe_one(self.settings.dead_letter_topic, *self._dead_letter_record(dl, _Step.ADJUSTED, refusal))
-            if err is not None:
-                self._fail(f"dead letter for {m.topic()}[{m.partition()}]@{m.offset()} not acknowledged: {err.str()}")
-                return guilty
+        verdicts = [x for x in suspects if isinstance(x[0], _Ticket)]
+        dead = [x for x in suspects if not isinstance(x[0], _Ticket)]
+        refused = self._refused_alone([(self.settings.verdict_topic, t.outcome.scored[i].key(), t.outcome.encoded[i],
+                                        None, 0) for t, i in verdicts])
+        for k, err in refused:
+            ticket, i = verdicts[k]
+            dl = self._refusal(ticket, i, err)
+            self._fates.setdefault(_where(dl.message), _Fate()).verdict_refusal = dl.error_message
+            self.metrics.refusals.labels("verdict", "dead_letter").inc()
+            dead.append((dl, _Step.BATCHED, ""))
+        guilty = len(refused)
+        plain = [x for x in dead if x[1] is not _Step.ADJUSTED]
+        adjusted = [x for x in dead if x[1] is _Step.ADJUSTED]
+        refused = self._refused_alone([(self.settings.dead_letter_topic, *self._dead_letter_record(dl, _Step.ALONE, ""))
+                                       for dl, _, _ in plain])
+        for k, err in refused:
+            dl = plain[k][0]
+            self._fates.setdefault(_where(dl.message), _Fate()).adjusted_refusal = err.str()
+            self.metrics.refusals.labels("dead_letter", "adjusted").inc()
+            adjusted.append((dl, _Step.ADJUSTED, err.str()))
+        guilty += len(refused)
+        refused = self._refused_alone([(self.settings.dead_letter_topic,
+                                        *self._dead_letter_record(dl, _Step.ADJUSTED, refusal))
+                                       for dl, _, refusal in adjusted])
+        for k, err in refused[:1]:
+            m = adjusted[k][0].message
+            self._fail(f"dead letter for {m.topic()}[{m.partition()}]@{m.offset()} not acknowledged: {err.str()}")
         self._innocent_rounds = 0 if guilty else self._innocent_rounds + 1
         if self._innocent_rounds >= _INNOCENT_ROUNDS:
             self._fail(f"{_INNOCENT_ROUNDS} transactions in a row were refused, but no record is refused alone")
         return guilty
 
-    def _probe_one(self, topic: str, key, value, headers, timestamp: int) -> KafkaError | None:
-        """The topic's refusal of this record alone, or None if it accepts it."""
-        for _ in range(_PROBE_ATTEMPTS):
+    def _refused_alone(self, records: list[tuple]) -> list[tuple[int, KafkaError]]:
+        """(index, refusal) of the records a topic refuses alone, found by probing halves of what is refused together."""
+        found, pending = [], [list(range(len(records)))] if records else []
+        while pending and self.fatal is None:
+            group = pending.pop()
+            results = list(zip(group, self._probe_group([records[i] for i in group])))
+            failed = [(i, err) for i, err in results if err is not None and err.code() in RECORD_ERRORS]
+            unsent = [i for i, err in results if err is not None and err.code() not in RECORD_ERRORS]
+            if unsent:  # queued behind a refusal and purged by the probe's abort: no answer yet
+                pending.append(unsent)
+            if len(failed) == 1:  # a produce batch fails as a whole, so a lone failure is that record's own
+                found.append(failed[0])
+            elif failed:
+                half = len(failed) // 2
+                pending += [[i for i, _ in failed[:half]], [i for i, _ in failed[half:]]]
+        return found
+
+    def _probe_group(self, records: list[tuple]) -> list[KafkaError | None]:
+        """Each record's refusal in one probe (see KafkaIO.probe), retried while no record got an answer."""
+        for attempt in range(_PROBE_ATTEMPTS):
+            self.health.beat()
+            time.sleep(0.05 * (2**attempt - 1))  # the producer's epoch bump after a refusal takes a moment
             try:
-                return self.kafka.probe(topic, key, value, headers, timestamp, min(5.0, max(0.1, self._time_left())))
+                return self.kafka.probe(records, min(5.0, max(0.1, self._time_left())))
             except KafkaException as exc:
                 err = exc.args[0]
                 if err.fatal():
                     break
-                log.info("probe_retried", topic=topic, error=err.str()[:300])
+                log.info("probe_retried", records=len(records), error=err.str()[:300])
                 if self.kafka.in_transaction and self._retrying(self.kafka.abort_transaction) is not None:
                     break
-        raise KafkaFatal(f"cannot learn whether {topic} accepts a refused output alone: {err.str()}")
+        raise KafkaFatal(f"cannot learn which refused outputs a topic refuses alone: {err.str()}")
 
     def _on_commit(self, err: KafkaError | None, positions: dict[TP, int]) -> None:
         if err is not None and err.code() != KafkaError._NO_OFFSET:

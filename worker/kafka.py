@@ -479,27 +479,35 @@ class KafkaIO:
         self.producer.abort_transaction(timeout)
         self.in_transaction = False
 
-    def probe(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers | None, timestamp: int,
-              timeout: float) -> KafkaError | None:
-        """Why `topic` refuses this record alone, or None: sent by itself in a transaction that is then aborted.
+    def probe(self, records: list[tuple], timeout: float) -> list[KafkaError | None]:
+        """Why each (topic, key, value, headers, timestamp) is refused, or None: sent in a transaction then aborted.
 
-        Raises KafkaException when the broker gives no answer on the record itself (a refused probe leaves a gap in
-        the producer's sequence numbers; the epoch bump that repairs it can purge the next probe).
+        Records the broker fails together (one produce batch) are all reported refused. A record not sent because an
+        earlier one failed the transaction is reported with librdkafka's _PURGE_QUEUE (no answer on it). Raises
+        KafkaException when no record got an answer (a refusal leaves a gap in the producer's sequence numbers; the
+        epoch bump that repairs it can purge the next probe whole).
         """
-        reports: list[KafkaError | None] = []
+        reports: list[KafkaError | None | bool] = [False] * len(records)
+
+        def report(i: int, err: KafkaError | None, _msg) -> None:
+            reports[i] = err
+
         self.begin_transaction()
-        try:
-            self.producer.produce(topic, value, key, headers=headers, timestamp=timestamp,
-                                  on_delivery=lambda err, _msg: reports.append(err))
-        except KafkaException as exc:
-            if exc.args[0].code() not in RECORD_ERRORS:
-                raise
-            reports.append(exc.args[0])
+        for i, (topic, key, value, headers, timestamp) in enumerate(records):
+            try:
+                self.producer.produce(topic, value, key, headers=headers, timestamp=timestamp,
+                                      on_delivery=partial(report, i))
+            except KafkaException as exc:
+                if exc.args[0].code() not in RECORD_ERRORS:
+                    raise
+                reports[i] = exc.args[0]
         self.producer.flush(timeout)
         self.abort_transaction(timeout)
-        if reports and (reports[0] is None or reports[0].code() in RECORD_ERRORS):
-            return reports[0]
-        raise KafkaException(reports[0] if reports else KafkaError(KafkaError._TIMED_OUT, "no delivery report"))
+        if any(r is False for r in reports):
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "no delivery report for a probe"))
+        if all(r is not None and r.code() not in RECORD_ERRORS for r in reports):
+            raise KafkaException(reports[0])
+        return reports
 
     def commit(self, positions: dict[TP, int], asynchronous: bool) -> None:
         """Commit the given next-offsets."""

@@ -91,7 +91,7 @@ class Health:
 
     Readiness only gates a rollout: no Service sends the worker traffic. An outage of what every replica shares (the
     broker, the registry, the input topic) is shown in /readyz but does not make a replica unready, which would stall
-    a `maxUnavailable: 0` rollout exactly when a fixed version may be needed.
+    a rollout exactly when a fixed version may be needed.
     """
 
     def __init__(self, timeout_s: float) -> None:
