@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from worker.kafka import consumer_config
+from worker.kafka import consumer_config, group_config, transactional_id
 from worker.localbroker import KAFKA_VERSION
 from worker.settings import Settings, load_settings
 
@@ -68,16 +68,22 @@ def _env(service: dict) -> dict[str, str]:
     return {k: str(v) for k, v in env.items()}
 
 
+def _k8s_files(kind: str) -> dict[str, list[dict]]:
+    """The manifests of this kind under deploy/k8s by file name (secret.example.yaml excluded)."""
+    found = {p.name: [d for d in _load(p) if d.get("kind") == kind] for p in sorted(K8S.glob("*.yaml")) if p.name != "secret.example.yaml"}
+    return {name: docs for name, docs in found.items() if docs}
+
+
 def _k8s(kind: str) -> dict:
     """The one manifest of this kind under deploy/k8s (secret.example.yaml excluded)."""
-    docs = [d for p in sorted(K8S.glob("*.yaml")) if p.name != "secret.example.yaml" for d in _load(p) if d.get("kind") == kind]
+    docs = [d for found in _k8s_files(kind).values() for d in found]
     assert len(docs) == 1, f"expected one {kind} in {K8S}, found {len(docs)}"
     return docs[0]
 
 
 def _container() -> dict:
-    """The worker container of the Deployment."""
-    containers = _k8s("Deployment")["spec"]["template"]["spec"]["containers"]
+    """The worker container of the StatefulSet."""
+    containers = _k8s("StatefulSet")["spec"]["template"]["spec"]["containers"]
     assert len(containers) == 1
     return containers[0]
 
@@ -297,12 +303,12 @@ def test_compose_stop_grace_period_exceeds_the_shutdown_timeout():
 # ---------------------------------------------------------------- Kubernetes
 
 
-def test_deployment_is_hardened_and_bounded():
-    """The Deployment runs non-root on a read-only root filesystem with no capabilities, within CPU/memory limits, and at most 6 replicas."""
-    deployment = _k8s("Deployment")
-    pod = deployment["spec"]["template"]["spec"]
+def test_statefulset_is_hardened_and_bounded():
+    """The StatefulSet runs non-root on a read-only root filesystem with no capabilities, within CPU/memory limits, and at most 6 replicas."""
+    workload = _k8s("StatefulSet")
+    pod = workload["spec"]["template"]["spec"]
     container = _container()
-    assert 1 <= deployment["spec"].get("replicas", 1) <= _k8s("ScaledObject")["spec"]["maxReplicaCount"] <= 6
+    assert 1 <= workload["spec"].get("replicas", 1) <= _k8s("ScaledObject")["spec"]["maxReplicaCount"] <= 6
     assert pod["securityContext"]["runAsNonRoot"] is True
     sc = container["securityContext"]
     assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
@@ -314,11 +320,55 @@ def test_deployment_is_hardened_and_bounded():
     assert container["resources"]["limits"]["cpu"] in ("1", 1, "1000m")
     assert container["envFrom"] == [{"configMapRef": {"name": _k8s("ConfigMap")["metadata"]["name"]}}]
     assert container["image"].split(":")[0] == "fraud-worker"
-    selector = deployment["spec"]["selector"]["matchLabels"]
-    assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    selector = workload["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= workload["spec"]["template"]["metadata"]["labels"].items()
     assert _k8s("PodDisruptionBudget")["spec"]["selector"]["matchLabels"] == selector
     assert _k8s("PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
     assert _k8s("Service")["spec"]["selector"] == selector
+
+
+def test_workload_is_a_statefulset_with_a_stable_identity(monkeypatch):
+    """The worker runs as a StatefulSet (no Deployment), so a replaced pod keeps its name and with it its static member id and transactional.id.
+
+    serviceName is a headless Service applied by the kustomization and selecting these pods; Parallel start; rolling
+    updates of every pod; no volume claims (the worker is stateless); FRAUD_GROUP_INSTANCE_ID is the pod name; KEDA
+    scales the StatefulSet and the PodDisruptionBudget covers its pods.
+    """
+    assert not _k8s_files("Deployment"), "the worker must not also run as a Deployment"
+    workload = _k8s("StatefulSet")
+    spec = workload["spec"]
+    assert workload["apiVersion"] == "apps/v1"
+    assert spec["podManagementPolicy"] == "Parallel"
+    strategy = spec.get("updateStrategy", {})
+    assert strategy.get("type", "RollingUpdate") == "RollingUpdate"
+    assert strategy.get("rollingUpdate", {}).get("partition", 0) == 0, "a partition would leave pods on the old revision"
+    assert "volumeClaimTemplates" not in spec
+
+    [(service_file, [service])] = _k8s_files("Service").items()
+    assert spec["serviceName"] == service["metadata"]["name"]
+    assert service["spec"]["clusterIP"] == "None", "serviceName must name a headless Service"
+    assert service_file in _load(K8S / "kustomization.yaml")[0]["resources"]
+    selector = spec["selector"]["matchLabels"]
+    assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    assert service["spec"]["selector"] == selector
+
+    env = {e["name"]: e for e in _container()["env"]}
+    for name in ("FRAUD_GROUP_INSTANCE_ID", "FRAUD_WORKER_ID"):
+        assert "value" not in env[name]
+        assert env[name]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}, name
+    assert "FRAUD_GROUP_INSTANCE_ID" not in _k8s("ConfigMap")["data"]
+
+    target = _k8s("ScaledObject")["spec"]["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"], target["name"]) == ("apps/v1", "StatefulSet", workload["metadata"]["name"])
+    assert _k8s("PodDisruptionBudget")["spec"]["selector"]["matchLabels"] == selector
+
+    # Pod N is always <name>-N, and so is its exactly-once producer's id.
+    _env_without_fraud(monkeypatch)
+    group = _k8s("ConfigMap")["data"]["FRAUD_GROUP_ID"]
+    pod = f"{workload['metadata']['name']}-0"
+    settings = Settings(_env_file=None, group_id=group, group_instance_id=pod, delivery="exactly_once")
+    assert transactional_id(settings) == f"{group}.{pod}"
+    assert group_config(settings)["group.instance.id"] == pod
 
 
 def test_sasl_password_comes_only_from_a_secret():
@@ -345,23 +395,24 @@ def test_probes_and_grace_period():
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     config = _k8s("ConfigMap")["data"]
     shutdown = float(config.get("FRAUD_SHUTDOWN_TIMEOUT_S", Settings.model_fields["shutdown_timeout_s"].default))
-    grace = _k8s("Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    grace = _k8s("StatefulSet")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace > shutdown and grace >= shutdown + STOP_MARGIN_S
     liveness = container["livenessProbe"]
     health_timeout = float(config.get("FRAUD_HEALTH_TIMEOUT_S", Settings.model_fields["health_timeout_s"].default))
     assert liveness["periodSeconds"] < health_timeout
 
 
-def test_scaled_object_scales_the_deployment_on_kafka_lag():
-    """The KEDA ScaledObject targets the Deployment, scales 1..partitions on the worker's group and input topic, and authenticates like it."""
+def test_scaled_object_scales_the_statefulset_on_kafka_lag():
+    """The KEDA ScaledObject targets the StatefulSet, scales 1..partitions on the worker's group and input topic, and authenticates like it."""
     so = _k8s("ScaledObject")
     config_map = _k8s("ConfigMap")
     config = config_map["data"]
     assert so["apiVersion"] == "keda.sh/v1alpha1"
     target = so["spec"]["scaleTargetRef"]
-    deployment = _k8s("Deployment")
+    workload = _k8s("StatefulSet")
+    # KEDA's default kind is Deployment, so the kind must be spelled out.
     assert (target.get("apiVersion", "apps/v1"), target.get("kind", "Deployment"), target["name"]) == (
-        deployment["apiVersion"], "Deployment", deployment["metadata"]["name"])
+        workload["apiVersion"], "StatefulSet", workload["metadata"]["name"])
     partitions = int(config_map["metadata"]["annotations"]["fraud-worker/input-partitions"])
     assert so["spec"]["minReplicaCount"] == 1
     assert so["spec"]["maxReplicaCount"] == partitions == _topics_partitions()
@@ -383,12 +434,14 @@ def test_scaled_object_scales_the_deployment_on_kafka_lag():
 
 
 def test_service_exposes_metrics_for_prometheus():
-    """The metrics Service is a ClusterIP on 9108 with Prometheus scrape annotations, as is the pod template."""
+    """The metrics Service is a headless ClusterIP on 9108 that lists unready pods too, with Prometheus scrape annotations, as is the pod template."""
     service = _k8s("Service")
     assert service["spec"]["type"] == "ClusterIP"
+    # Headless still has EndpointSlices, which Prometheus's endpoints discovery scrapes pod by pod.
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
     [port] = service["spec"]["ports"]
     annotations = service["metadata"]["annotations"]
-    pod_annotations = _k8s("Deployment")["spec"]["template"]["metadata"]["annotations"]
+    pod_annotations = _k8s("StatefulSet")["spec"]["template"]["metadata"]["annotations"]
     for a in (annotations, pod_annotations):
         assert a["prometheus.io/scrape"] == "true" and a["prometheus.io/path"] == "/metrics"
         assert int(a["prometheus.io/port"]) == port["port"]
@@ -398,12 +451,12 @@ def test_service_exposes_metrics_for_prometheus():
 
 
 def _fraud_variables() -> dict[str, set[str]]:
-    """Every FRAUD_* name set by the Dockerfile, each compose service, the ConfigMap and the Deployment."""
+    """Every FRAUD_* name set by the Dockerfile, each compose service, the ConfigMap and the StatefulSet."""
     found = {"Dockerfile": {k for k in _dockerfile_env() if k.startswith("FRAUD_")}}
     for name, service in _compose()["services"].items():
         found[f"compose:{name}"] = {k for k in _env(service) if k.startswith("FRAUD_")}
     found["ConfigMap"] = {k for k in _k8s("ConfigMap")["data"] if k.startswith("FRAUD_")}
-    found["Deployment"] = {e["name"] for e in _container().get("env", []) if e["name"].startswith("FRAUD_")}
+    found["StatefulSet"] = {e["name"] for e in _container().get("env", []) if e["name"].startswith("FRAUD_")}
     # Any FRAUD_ name mentioned anywhere else (comments included) must be real too.
     for path in [COMPOSE, DOCKERFILE, *K8S.glob("*.yaml")]:
         found[f"text:{path.name}"] = set(re.findall(r"\bFRAUD_[A-Z0-9_]+\b", path.read_text()))
@@ -430,7 +483,7 @@ def test_compose_environment_loads_as_settings(service, monkeypatch):
 
 
 def test_k8s_environment_loads_as_settings(monkeypatch):
-    """The image's ENV, the ConfigMap and the Deployment's env (Secret values stubbed) pass start-up validation."""
+    """The image's ENV, the ConfigMap and the StatefulSet's env (Secret values stubbed) pass start-up validation."""
     _env_without_fraud(monkeypatch)
     env = {k: v for k, v in _dockerfile_env().items() if k.startswith("FRAUD_")}
     env.update(_k8s("ConfigMap")["data"])
