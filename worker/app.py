@@ -84,7 +84,8 @@ class _Transaction:
         self.tickets: list[_Ticket] = []
         self.starts: dict[TP, int] = {}  # first offset of each input partition in the transaction
         self.ends: dict[TP, int] = {}  # last offset of each input partition in the transaction
-        self.suspects: list[tuple[_Ticket, int] | tuple[DeadLetter, _Step]] = []  # outputs refused by record errors
+        # Outputs refused by record errors: (ticket, verdict index) or (dead letter, step, refusal).
+        self.suspects: list[tuple[_Ticket, int] | tuple[DeadLetter, _Step, str]] = []
         self.failed: str | None = None  # why it must be aborted
 
 
@@ -176,9 +177,7 @@ class Worker:
             self._started = True
 
     def _init_transactions(self) -> None:
-        """Register the transactional.id (fencing a predecessor with the same id and aborting its transaction).
-
-        """
+        """Register the transactional.id (fencing a predecessor with the same id and aborting its transaction)."""
         tid = transactional_id(self.settings)
         try:
             self.kafka.init_transactions(self.settings.startup_timeout_s)
@@ -404,9 +403,9 @@ class Worker:
         if step is _Step.ADJUSTED:
             adj = adjusted_dead_letter(dl, refusal, self.settings.group_id, self.settings.worker_id, now_ms)
             return adj.key, adj.value, adj.headers, adj.timestamp_ms
+        headers = dead_letter_headers(dl, self.settings.group_id, self.settings.worker_id, now_ms)
         ts_type, ts = msg.timestamp()
-        return (msg.key(), msg.value(), dead_letter_headers(dl, self.settings.group_id, self.settings.worker_id, now_ms),
-                ts if ts_type and ts >= 0 else 0)
+        return msg.key(), msg.value(), headers, ts if ts_type and ts >= 0 else 0
 
     def _produce_dead_letter(self, ticket: _Ticket, dl: DeadLetter, step: _Step, refusal: str = "") -> None:
         """Send a dead letter; a refused one is retried alone, then adjusted (see records.adjusted_dead_letter)."""
@@ -420,8 +419,8 @@ class Worker:
         key, value, headers, ts = self._dead_letter_record(dl, step, refusal)
         try:
             self.kafka.produce(self.settings.dead_letter_topic, key, value,
-                               partial(self._dead_letter_delivered, ticket, dl, step, refusal), headers=headers, timestamp=ts,
-                               alone=step is not _Step.BATCHED)
+                               partial(self._dead_letter_delivered, ticket, dl, step, refusal), headers=headers,
+                               timestamp=ts, alone=step is not _Step.BATCHED)
         except Refused as exc:
             self._dead_letter_refused(ticket, dl, step, refusal, exc.error, by_client=True)
 
@@ -665,7 +664,7 @@ class Worker:
         return guilty
 
     def _refused_alone(self, records: list[tuple]) -> list[tuple[int, KafkaError]]:
-        """(index, refusal) of the records a topic refuses alone, found by probing halves of what is refused together."""
+        """(index, refusal) of the records refused alone, found by probing halves of what is refused together."""
         found, pending = [], [list(range(len(records)))] if records else []
         while pending and self.fatal is None:
             group = pending.pop()
