@@ -239,7 +239,7 @@ class Worker:
             self.kafka.close()
             return 0
         self._batch_limit = s.batch_max_size
-        budget = self.kafka.max_poll_interval_s()
+        budget = self.kafka.batch_budget_s()
         self.kafka.subscribe()
         watch = TopicWatch(client_config(s), s.input_topic).start()
         seen = watch.generation
@@ -309,11 +309,12 @@ class Worker:
         self._not_yet_back = None
 
     def _adapt_batch_limit(self, seconds: float, budget: float) -> None:
-        """Halve the batch when one took over a third of max.poll.interval.ms, so a slow model cannot livelock the group."""
+        """Halve the batch when one took over a third of its budget (KafkaIO.batch_budget_s), so a slow model cannot
+        livelock the group or have its transactions aborted."""
         if seconds > budget / 3 and self._batch_limit > 1:
             self._batch_limit = max(1, self._batch_limit // 2)
             log.warning("batch_limit_lowered", seconds=round(seconds, 3), batch_limit=self._batch_limit,
-                        max_poll_interval_s=budget)
+                        budget_s=budget)
         elif seconds < budget / 20 and self._batch_limit < self.settings.batch_max_size:
             self._batch_limit = min(self.settings.batch_max_size, self._batch_limit * 2)
 

@@ -359,9 +359,13 @@ class KafkaIO:
         """Resume every assigned partition."""
         self.consumer.resume(self.consumer.assignment())
 
-    def max_poll_interval_s(self) -> float:
-        """How long the loop may spend between polls before the group evicts this member."""
-        return int(consumer_config(self.settings).get("max.poll.interval.ms", 300_000)) / 1000.0
+    def batch_budget_s(self) -> float:
+        """How long one batch may take: before the group evicts this member (max.poll.interval.ms), or, with
+        exactly-once, before the coordinator aborts the open transaction and fences the producer."""
+        budget = int(consumer_config(self.settings).get("max.poll.interval.ms", 300_000)) / 1000.0
+        if self.transactional:
+            budget = min(budget, int(producer_config(self.settings)["transaction.timeout.ms"]) / 1000.0)
+        return budget
 
     def produce(
         self,
