@@ -213,3 +213,16 @@ def test_topics_refuses_impossible_replication_in_one_line(settings_for, kafka_b
     assert not {s.input_topic, s.verdict_topic, s.dead_letter_topic} & set(existing)
     help_text = " ".join(_cli("topics", "--help").stdout.split())
     assert "--replication-factor" in help_text and "1 only makes sense for a local single broker" in help_text
+
+
+def test_cluster_id_never_starts_with_a_dash(monkeypatch):
+    """kafka-storage reads a cluster id starting with "-" as an option; such ids (1 in 64) are drawn again."""
+    import uuid
+
+    from worker import localbroker
+
+    dashed, plain = uuid.UUID(bytes=b"\xf8" + bytes(15)), uuid.UUID(bytes=bytes(16))
+    draws = iter([dashed, dashed, plain])
+    monkeypatch.setattr(localbroker.uuid, "uuid4", lambda: next(draws))
+    assert localbroker._cluster_id() == "AAAAAAAAAAAAAAAAAAAAAA"
+    assert next(draws, None) is None

@@ -86,3 +86,23 @@ def test_static_member_restarted_in_time_resumes_without_a_rebalance(settings_fo
     assert len(_events(b, "partitions_assigned")) + len(_events(b, "partitions_revoked")) == b_lines
     assert _owned(b) == theirs and not _events(b, "partitions_lost")
     assert again.terminate() == 0 and b.terminate() == 0
+
+
+def test_consumer_protocol_static_member_back_too_early_exits_instead_of_hanging(settings_for, tmp_path):
+    """With the consumer protocol the broker refuses a static member's id until its crashed predecessor's session
+    expires (UNRELEASED_INSTANCE_ID, KIP-848): the early restart exits 1 with one line, a later one rejoins."""
+    s = settings_for(partitions=2, group_protocol="consumer", consumer_config={},
+                     worker_id="a", group_instance_id="replica-a")
+    first = WorkerProcess(s, tmp_path / "a1.log")
+    assert first.wait_assigned(), first.log()[-2000:]
+    assert first.kill() == -9
+    early = WorkerProcess(s, tmp_path / "a2.log")
+    assert early.wait(60) == 1, early.log()[-3000:]
+    failed = _events(early, "worker_failed")
+    assert len(failed) == 1 and "consumer error" in failed[0]["reason"], early.log()[-3000:]
+    time.sleep(SESSION_S)
+    later = WorkerProcess(s, tmp_path / "a3.log")
+    assert later.wait_assigned(), later.log()[-3000:]
+    produce_transactions(s, traffic.generated(200, seed=55, prefix="static-consumer"))
+    wait_until(lambda: _all_committed(s), 60, "every transaction committed")
+    assert later.terminate() == 0

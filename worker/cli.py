@@ -54,10 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=800.0, help="transactions per second")
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--kills", type=int, default=3, help="SIGKILLs of a replica mid-batch (each restarted)")
+    p.add_argument("--kill-interval", type=float, default=0.0,
+                   help="seconds between kills, from a tenth into the traffic (default 0: spread over the run)")
     p.add_argument("--terms", type=int, default=0, help="SIGTERMs of a replica (each restarted)")
     p.add_argument("--broker-restarts", type=int, default=1)
     p.add_argument("--storm", action="store_true", help="scale 1 -> 3 -> 1 replicas while traffic flows")
     p.add_argument("--unwritable", action="store_true", help="deny writes to the verdict topic for a while")
+    p.add_argument("--delivery", choices=["at_least_once", "exactly_once"], default="at_least_once")
+    p.add_argument("--group-protocol", choices=["classic", "consumer"], default="classic")
+    p.add_argument("--static", action=argparse.BooleanOptionalAction, default=True,
+                   help="restart a replica with its slot's identity (group.instance.id, transactional.id), as a "
+                        "StatefulSet pod; --no-static replaces it with a new identity (default: static)")
     p.add_argument("--port", type=int, default=0, help="port of the harness's own broker (0: a free one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="var/chaos", help="where logs and report.json go")
@@ -220,8 +227,10 @@ def _chaos(args) -> int:
     from .chaos import Plan, run
 
     plan = Plan(transactions=args.transactions, rate=args.rate, replicas=args.replicas, kills=args.kills,
-                terms=args.terms, broker_restarts=args.broker_restarts, storm=args.storm, unwritable=args.unwritable,
-                port=args.port, seed=args.seed, out=Path(args.out))
+                kill_interval_s=args.kill_interval, terms=args.terms, broker_restarts=args.broker_restarts,
+                storm=args.storm, unwritable=args.unwritable, delivery=args.delivery,
+                group_protocol=args.group_protocol, static=args.static, port=args.port, seed=args.seed,
+                out=Path(args.out))
     return 0 if run(plan).ok() else 1
 
 

@@ -320,7 +320,9 @@ class KafkaIO:
             err = m.error()
             if err is None:
                 good.append(m)
-            elif err.fatal():
+            elif err.fatal() or err.code() == KafkaError._FATAL:
+                # For example a static member back before its session expired (consumer protocol, KIP-848): the
+                # broker refuses its instance id; a restart after the session timeout rejoins.
                 raise KafkaFatal(f"consumer error: {err.str()}")
             else:
                 get_logger("worker").warning("consumer_error", error=err.str())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -30,6 +31,22 @@ class Replica:
     def log(self) -> str:
         """The process's output so far."""
         return self.log_path.read_text(errors="replace")
+
+    def owned(self) -> set[int]:
+        """The input partitions it owns now, from its partitions_assigned / _revoked / _lost log lines."""
+        owned: set[int] = set()
+        for line in self.log().splitlines():
+            if '"partitions_' not in line:
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:  # the last line of a killed process may be cut short
+                continue
+            if event.get("event") == "partitions_assigned":
+                owned |= set(event["partitions"])
+            elif event.get("event") in ("partitions_revoked", "partitions_lost"):
+                owned -= set(event["partitions"])
+        return owned
 
     def alive(self) -> bool:
         """Whether the process still runs."""
