@@ -123,7 +123,8 @@ class Settings(BaseSettings):
     group_protocol: Literal["classic", "consumer"] = Field(
         "classic", description="Consumer group protocol: classic, or consumer (KIP-848, Kafka 4.0+).")
     group_instance_id: str | None = Field(
-        None, min_length=1, description="Static membership id (the pod name); a restart within the session timeout keeps its partitions.")
+        None, min_length=1, description="Static membership id (the pod name); with the classic protocol a restart within the session "
+                    "timeout keeps its partitions.")
     worker_id: str = Field(f"{socket.gethostname()}-{os.getpid()}", min_length=1, description="This replica's id.")
 
     input_schema: Path | None = Field(
