@@ -284,3 +284,15 @@ def test_cli_reports_a_refused_key_in_one_line_and_exits_2(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert (run.returncode, run.stdout, run.stderr.count("\n")) == (2, "", 1)
     assert run.stderr.startswith("fraud-worker: invalid configuration: FRAUD_CONSUMER_CONFIG: enable.auto.commit=true ")
+
+
+def test_exactly_once_commit_interval_must_fit_the_transaction_timeout(monkeypatch):
+    """A transaction longer than a third of transaction.timeout.ms is refused at start-up, in one line."""
+    message = settings_error(monkeypatch, delivery="exactly_once", commit_interval_ms="4000")
+    assert message == ("invalid configuration: FRAUD_COMMIT_INTERVAL_MS: 4000 is over a third of transaction.timeout.ms "
+                       "(10000) with FRAUD_DELIVERY=exactly_once")
+    monkeypatch.setenv("FRAUD_PRODUCER_CONFIG", '{"transaction.timeout.ms": 60000}')
+    assert load_settings().commit_interval_ms == 4000
+    monkeypatch.setenv("FRAUD_DELIVERY", "at_least_once")
+    monkeypatch.delenv("FRAUD_PRODUCER_CONFIG")
+    assert load_settings().commit_interval_ms == 4000

@@ -168,3 +168,19 @@ def test_unreachable_schema_registry_is_one_line_and_exit_2(settings_for):
         assert "Schema Registry at http://127.0.0.1:1" in _one_line(done)
         assert SECRET not in done.stderr + done.stdout
     assert committed_offsets(s) == {0: -1001}
+
+
+@pytest.mark.kafka
+def test_metrics_port_in_use_stops_before_the_transactional_id_is_registered(settings_for):
+    """A `run` that cannot bind its metrics port exits 2 before init_transactions, so it fences no live replica."""
+    import socket
+
+    s = settings_for(partitions=1, delivery="exactly_once", group_instance_id="pod-0")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = s.to_env() | {"FRAUD_METRICS_PORT": str(taken.getsockname()[1])}
+        done = _run(env)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "metrics server cannot bind" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert "transactions_initialised" not in done.stdout

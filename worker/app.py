@@ -185,6 +185,10 @@ class Worker:
             raise StartupError(f"cannot start exactly-once delivery with transactional.id {tid}: "
                                f"{exc.args[0].str()}") from None
         log.info("transactions_initialised", transactional_id=tid)
+        if not self.settings.group_instance_id:
+            log.warning("transactional_id_not_stable", transactional_id=tid,
+                        detail="set FRAUD_GROUP_INSTANCE_ID (the pod name) so that a restarted replica aborts its "
+                               "predecessor's open transaction at once")
 
     def _connect_registry(self) -> None:
         """Register the verdict schema under `<verdict topic>-value`; verdicts then carry its id (wire format)."""
@@ -774,9 +778,12 @@ class Worker:
 
     def _shutdown(self) -> int:
         self._stop_deadline = time.monotonic() + self.settings.shutdown_timeout_s
-        outstanding = self._drain(self._time_left()) if self.kafka else 0
+        # A failed transactional producer can neither flush nor commit; its transaction is aborted for it.
+        settle = self.kafka is not None and not (self.exactly_once and self.fatal)
+        outstanding = self._drain(self._time_left()) if settle else 0
         if self.kafka:
-            self._commit(asynchronous=False)
+            if settle:
+                self._commit(asynchronous=False)
             # Only a broker that is away can hold close() past the deadline; otherwise close as librdkafka intends.
             if not self.kafka.close(None if self.health.broker_reachable else self._time_left()):
                 log.warning("consumer_close_timed_out", detail="the group drops this member after session.timeout.ms")

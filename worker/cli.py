@@ -100,15 +100,18 @@ def _run(args) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         worker = Worker(settings, _load_scorer(settings), stop=stop)
+        # Bound before start(): a start-up that fails after registering the transactional.id would fence a live
+        # replica with the same id.
+        if settings.metrics_port:
+            try:
+                serve(worker.metrics, worker.health, settings.metrics_host, settings.metrics_port)
+            except OSError as exc:
+                raise StartupError(f"metrics server cannot bind {settings.metrics_host}:{settings.metrics_port}: "
+                                   f"{exc.strerror}") from None
         worker.start()
     except (ManifestError, StartupError) as exc:
         log.error("startup_failed", error=str(exc))
         raise StartupFailure(str(exc)) from None
-    if settings.metrics_port:
-        try:
-            serve(worker.metrics, worker.health, settings.metrics_host, settings.metrics_port)
-        except OSError as exc:
-            raise StartupFailure(f"metrics server cannot bind {settings.metrics_host}:{settings.metrics_port}: {exc.strerror}") from None
     return worker.run()
 
 

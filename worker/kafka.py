@@ -21,7 +21,7 @@ from confluent_kafka.admin import (
 from .logs import get_logger
 from .offsets import TopicPartition as TP
 from .records import Headers, Message
-from .settings import Settings
+from .settings import TRANSACTION_TIMEOUT_MS, Settings
 
 # Produce errors that a record can cause by itself (its size, its timestamp, a null key on a compacted topic). The
 # broker fails the whole produce batch for them, so a record refused in a batch is retried alone before it is judged.
@@ -127,7 +127,7 @@ def producer_config(settings: Settings) -> dict:
         # A replica that dies holds its open transaction, and so every read_committed reader of the partitions it
         # wrote, until the coordinator aborts it: after transaction.timeout.ms (Kafka's default 60 s) unless a
         # successor with the same id starts first.
-        transactional = {"transactional.id": transactional_id(settings), "transaction.timeout.ms": 10_000}
+        transactional = {"transactional.id": transactional_id(settings), "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS}
     return {
         **client_config(settings),
         "enable.idempotence": True,
@@ -366,7 +366,7 @@ class KafkaIO:
         exactly-once, before the coordinator aborts the open transaction and fences the producer."""
         budget = int(consumer_config(self.settings).get("max.poll.interval.ms", 300_000)) / 1000.0
         if self.transactional:
-            budget = min(budget, int(producer_config(self.settings)["transaction.timeout.ms"]) / 1000.0)
+            budget = min(budget, self.settings.transaction_timeout_ms() / 1000.0)
         return budget
 
     def produce(
@@ -432,6 +432,9 @@ class KafkaIO:
             return
         if self.transactional and err.code() == KafkaError._STATE:
             raise Aborting(err.str())
+        if err.code() == KafkaError._FATAL:
+            self.producer.poll(0)  # error_cb names the cause (fenced by a newer instance, a transaction timed out)
+            raise KafkaFatal(f"the producer failed fatally and cannot go on: {err.str()}")
         raise KafkaFatal(f"cannot produce to {topic}: {err.str()}")
 
     def _wait_for_room(self, producer: Producer, topic: str) -> None:
@@ -679,12 +682,23 @@ def end_offsets(conf: dict, topic: str) -> dict[int, int]:
         consumer.close()
 
 
+_COORDINATOR_MOVING = frozenset({KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+                                 KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError._TIMED_OUT})
+
+
 def committed_offsets(conf: dict, group: str, topic: str) -> dict[int, int]:
     """A group's committed offset for each partition of a topic (-1001 when none)."""
     consumer = Consumer({"logger": QUIET_LOG, **conf, "group.id": group})
+    deadline = time.monotonic() + 30
     try:
         parts = [TopicPartition(topic, p) for p in end_offsets(conf, topic)]
-        return {tp.partition: tp.offset for tp in consumer.committed(parts, timeout=10)}
+        while True:
+            try:
+                return {tp.partition: tp.offset for tp in consumer.committed(parts, timeout=10)}
+            except KafkaException as exc:  # a broker that just started is still loading its coordinators
+                if exc.args[0].code() not in _COORDINATOR_MOVING or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
     finally:
         consumer.close()
 

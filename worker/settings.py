@@ -12,11 +12,13 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import model_validator, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceError
 
 ROOT = Path(__file__).resolve().parent.parent
+# The exactly-once producer's transaction.timeout.ms unless FRAUD_PRODUCER_CONFIG sets it (Kafka's default: 60 s).
+TRANSACTION_TIMEOUT_MS = 10_000
 # Read by the local-broker tooling, not by the worker.
 TOOL_VARIABLES = {"FRAUD_CACHE_DIR", "FRAUD_KAFKA_VERSION", "FRAUD_TEST_BROKER_PORT"}
 _SECRET_WORDS = ("password", "secret", "token", "key.pem", "keystore", "credentials")
@@ -54,7 +56,8 @@ GUARDED_KEYS: dict[str, tuple[Callable[[str], bool], str]] = {
     "request.required.acks": _ACKS,
     "enable.idempotence": (_TRUE, "would let producer retries duplicate or reorder verdicts "
                                   "(the worker's producer is idempotent)"),
-    "transactional.id": _owned("FRAUD_DELIVERY=exactly_once (the id is the group and FRAUD_GROUP_INSTANCE_ID)"),
+    "transactional.id": _owned("FRAUD_DELIVERY=exactly_once; the id is <FRAUD_GROUP_ID>.<FRAUD_GROUP_INSTANCE_ID, "
+                               "else FRAUD_WORKER_ID>"),
     "isolation.level": (_one_of("read_committed"), "would score records of aborted upstream transactions "
                                                    "(the worker reads read_committed)"),
     "bootstrap.servers": _owned("FRAUD_BOOTSTRAP_SERVERS"),
@@ -193,6 +196,22 @@ class Settings(BaseSettings):
             raise ValueError("; ".join(bad))
         return v
 
+    @model_validator(mode="after")
+    def _transactions_commit_in_time(self) -> Settings:
+        """With exactly-once, a transaction must commit well before the coordinator aborts it and fences the producer."""
+        if self.delivery == "exactly_once" and self.commit_interval_ms * 3 > self.transaction_timeout_ms():
+            raise ValueError(f"FRAUD_COMMIT_INTERVAL_MS: {self.commit_interval_ms} is over a third of "
+                             f"transaction.timeout.ms ({self.transaction_timeout_ms()}) with FRAUD_DELIVERY=exactly_once")
+        return self
+
+    def transaction_timeout_ms(self) -> int:
+        """The exactly-once producer's transaction.timeout.ms."""
+        value = self.producer_config.get("transaction.timeout.ms", TRANSACTION_TIMEOUT_MS)
+        try:
+            return int(value)
+        except ValueError:
+            return TRANSACTION_TIMEOUT_MS  # librdkafka names a malformed value at start-up
+
     def to_env(self) -> dict[str, str]:
         """The FRAUD_* environment that reproduces these settings in a child process (secrets included)."""
         env = {}
@@ -250,4 +269,5 @@ def _problem(error: dict, overrides: dict) -> str:
         # An unknown key reaches pydantic only from .env (or an override), under the exact name written there.
         name = str(error["loc"][0])
         return f"{name.upper()}: unknown setting{'' if name in overrides else ' in .env'}"
-    return f"FRAUD_{'_'.join(map(str, error['loc'])).upper()}: {error['msg'].removeprefix('Value error, ')}"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"FRAUD_{'_'.join(map(str, error['loc'])).upper()}: {message}" if error["loc"] else message
