@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--broker-restarts", type=int, default=1)
     p.add_argument("--storm", action="store_true", help="scale 1 -> 3 -> 1 replicas while traffic flows")
     p.add_argument("--unwritable", action="store_true", help="deny writes to the verdict topic for a while")
+    p.add_argument("--poison-per-kind", type=int, default=2, help="poison pills of each of the 10 kinds")
     p.add_argument("--delivery", choices=["at_least_once", "exactly_once"], default="at_least_once")
     p.add_argument("--group-protocol", choices=["classic", "consumer"], default="classic")
     p.add_argument("--static", action=argparse.BooleanOptionalAction, default=True,
@@ -232,7 +233,8 @@ def _chaos(args) -> int:
     plan = Plan(transactions=args.transactions, rate=args.rate, replicas=args.replicas, kills=args.kills,
                 kill_interval_s=args.kill_interval, terms=args.terms, broker_restarts=args.broker_restarts,
                 storm=args.storm, unwritable=args.unwritable, delivery=args.delivery,
-                group_protocol=args.group_protocol, static=args.static, port=args.port, seed=args.seed,
+                group_protocol=args.group_protocol, static=args.static, poison_per_kind=args.poison_per_kind,
+                port=args.port, seed=args.seed,
                 out=Path(args.out))
     return 0 if run(plan).ok() else 1
 
