@@ -41,6 +41,8 @@ _DENIED = frozenset({KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.CLUSTER_A
 _INNOCENT_ROUNDS = 3
 # Probes of one output that may end without the broker's answer on it, before the worker gives up.
 _PROBE_ATTEMPTS = 8
+# How long a transactional call may outlive its own timeout before the worker gives up on it (seconds).
+_HUNG_S = 15.0
 
 
 class _Ticket:
@@ -97,6 +99,27 @@ class _Fate:
     def __init__(self) -> None:
         self.verdict_refusal: str | None = None  # the verdict is refused: the record becomes a `produce` dead letter
         self.adjusted_refusal: str | None = None  # its dead letter is refused: send the adjusted one
+
+
+def _bounded(call: Callable[[float], None], timeout: float, limit: float) -> None:
+    """call(timeout) in a daemon thread; raise KafkaFatal if it has not returned after `limit` seconds."""
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            call(timeout)
+        except BaseException as exc:  # re-raised in the caller's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=target, name="transaction-call", daemon=True)
+    thread.start()
+    thread.join(limit)
+    if thread.is_alive():
+        name = getattr(call, "__name__", None) or getattr(getattr(call, "func", None), "__name__", "a call")
+        raise KafkaFatal(f"{name} did not return within {limit:g}s of its {timeout:g}s timeout (librdkafka waits for "
+                         "a group coordinator that went away); the replica must restart")
+    if failure:
+        raise failure[0]
 
 
 def _where(m: Message) -> tuple[str, int, int]:
@@ -573,6 +596,9 @@ class Worker:
         """
         if not self.kafka.in_transaction or self.fatal is not None:
             return
+        if not self.health.broker_reachable:
+            # Offsets sent to a coordinator that is away can wait forever (see _retrying): commit once it is back.
+            return
         remaining = self._drain(self._time_left())
         txn = self._txn
         if self.fatal is not None:
@@ -618,10 +644,16 @@ class Worker:
         self.kafka.seek({tp: offset for tp, offset in txn.starts.items() if tp in keep})
 
     def _retrying(self, call: Callable[[float], None]) -> KafkaError | None:
-        """Run a transactional call, repeating it while librdkafka says a retry can succeed; its final error."""
+        """Run a transactional call, repeating it while librdkafka says a retry can succeed; its final error.
+
+        Raises KafkaFatal when a call outlives its timeout by _HUNG_S: librdkafka's send_offsets_to_transaction can
+        wait forever for a group coordinator that went away (confluentinc/librdkafka#5456, #5511), holding the
+        partitions unscored; a restart of the replica recovers.
+        """
         while True:
+            timeout = min(5.0, max(0.1, self._time_left()))
             try:
-                call(min(5.0, max(0.1, self._time_left())))
+                _bounded(call, timeout, timeout + _HUNG_S)
                 return None
             except KafkaException as exc:
                 err = exc.args[0]
@@ -783,7 +815,10 @@ class Worker:
         outstanding = self._drain(self._time_left()) if settle else 0
         if self.kafka:
             if settle:
-                self._commit(asynchronous=False)
+                try:
+                    self._commit(asynchronous=False)
+                except KafkaFatal as exc:
+                    self._fail(str(exc))
             # Only a broker that is away can hold close() past the deadline; otherwise close as librdkafka intends.
             if not self.kafka.close(None if self.health.broker_reachable else self._time_left()):
                 log.warning("consumer_close_timed_out", detail="the group drops this member after session.timeout.ms")

@@ -128,6 +128,7 @@ class Report:
     duplicates_per_kill: float | None = None
     lost: int = 0  # acknowledged inputs with neither a verdict nor a dead letter
     unacknowledged: int = 0  # inputs the traffic producer got no acknowledgement for (not counted as lost)
+    hung_calls: int = 0  # replicas that stopped (exit 1) because a transactional call outlived its timeout
     dead_letters: int = 0
     dead_letters_wrong_stage: int = 0
     unexpected_dead_letters: int = 0
@@ -166,6 +167,7 @@ class Report:
                 ("duplicates (read_committed)", self.duplicates), ("duplicates per kill", self.duplicates_per_kill),
                 ("LOST (of acknowledged inputs)", self.lost),
                 ("unacknowledged inputs (not counted as lost)", self.unacknowledged),
+                ("replicas stopped by a hung transactional call", self.hung_calls),
                 ("dead letters", self.dead_letters), ("dead letters at the wrong stage", self.dead_letters_wrong_stage),
                 ("unexpected dead letters", self.unexpected_dead_letters),
                 ("committed == end offsets", self.committed_equals_end),
@@ -431,6 +433,7 @@ class Chaos:
         dead_keys = Counter((rec.key or b"").decode(errors="replace") for rec in dead)
         r.inputs, r.poison_pills = len(expected_ids), len(pills)
         r.unacknowledged = len(expected_ids) + len(pills) - len(self.acked)
+        r.hung_calls = sum("did not return within" in replica.log() for replica in self.replicas)
         r.unique_verdicts = len(verdicts.keys() & expected_ids)
         r.verdict_records = sum(verdicts.values())
         r.duplicates = r.verdict_records - len(verdicts) + sum(c - 1 for c in dead_keys.values())
