@@ -58,7 +58,9 @@ def test_paused_replica_is_fenced_by_the_group_and_duplicates_nothing(settings_f
     code_b = b.terminate()
     code_a = a.terminate()
     assert len(ids) == n and max(ids.values()) == 1, f"{n - len(ids)} missing, {sum(ids.values()) - len(ids)} duplicates"
-    assert code_b == 0, b.log()[-3000:]
+    # b may be stopped by the bound on a transactional call that librdkafka let hang through the rebalance
+    # (README, "A known librdkafka hang"); any other unclean exit fails.
+    assert code_b == 0 or "did not return within" in b.log(), b.log()[-3000:]
     # Woken, a either aborts its transaction and rejoins (exit 0) or finds its producer fenced and stops (exit 1).
     assert code_a == 0 or "worker_failed" in a.log(), a.log()[-3000:]
     assert "partitions_lost" in a.log() or "worker_failed" in a.log(), a.log()[-3000:]
