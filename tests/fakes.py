@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 
@@ -75,3 +76,14 @@ class FakeScorer:
         if self.fail_on.intersection(amounts):
             raise RuntimeError("fake model cannot score amount(s)\nsecond line of detail")
         return np.array([self.probabilities.get(a, a) for a in amounts], dtype=np.float64)
+
+
+class SlowScorer:
+    """A real scorer made slow per row: a model slower than the group's poll interval or a transaction's timeout."""
+
+    def __init__(self, inner, seconds_per_row: float):
+        self.manifest, self._inner, self._delay = inner.manifest, inner, seconds_per_row
+
+    def predict(self, matrix):
+        time.sleep(self._delay * len(matrix))
+        return self._inner.predict(matrix)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 import pytest
 
+from tests.fakes import SlowScorer
 from tests.kafkatools import (
     WorkerThread, committed_offsets, end_offsets, produce_transactions, read_topic, wait_until,
 )
@@ -81,17 +81,6 @@ def test_kills_every_4_s_stall_no_longer_than_the_session_timeout(tmp_path):
     assert [f["exit"] for f in report.faults if f["fault"] == "kill"] == [-9] * 4
     assert report.stall_after_last_kill_s is not None
     assert report.stall_after_last_kill_s <= report.session_timeout_s + 5
-
-
-class SlowScorer:
-    """The real model, made slow per row, as a model far slower than the group's poll interval."""
-
-    def __init__(self, inner: OnnxScorer, seconds_per_row: float):
-        self.manifest, self._inner, self._delay = inner.manifest, inner, seconds_per_row
-
-    def predict(self, matrix):
-        time.sleep(self._delay * len(matrix))
-        return self._inner.predict(matrix)
 
 
 def test_batch_slower_than_max_poll_interval_does_not_livelock(settings_for):

@@ -13,6 +13,7 @@ from collections import Counter
 
 import pytest
 
+from tests.fakes import SlowScorer
 from tests.kafkatools import (
     WorkerProcess, WorkerThread, committed_offsets, end_offsets, produce_transactions, read_topic, wait_until,
 )
@@ -85,23 +86,12 @@ def test_check_does_not_fence_a_live_replica_with_the_same_transactional_id(sett
     assert "worker_failed" not in live.log()
 
 
-class _SlowScorer:
-    """The real model, slowed per row: a batch of 1,000 takes longer than a third of the transaction timeout."""
-
-    def __init__(self, inner: OnnxScorer, seconds_per_row: float):
-        self.manifest, self._inner, self._delay = inner.manifest, inner, seconds_per_row
-
-    def predict(self, matrix):
-        time.sleep(self._delay * len(matrix))
-        return self._inner.predict(matrix)
-
-
 def test_batches_shrink_below_the_transaction_timeout(settings_for):
     """A model slow enough to outlast the transaction timeout makes the worker halve its batches; nothing is fenced."""
     s = settings_for(partitions=2, delivery="exactly_once", producer_config={"transaction.timeout.ms": "4000"})
     txns = list(traffic.generated(3_000, seed=23, prefix="slow-eos"))
     produce_transactions(s, txns)
-    with WorkerThread(s, scorer=_SlowScorer(OnnxScorer.load(s.model_manifest), seconds_per_row=0.002)) as w:
+    with WorkerThread(s, scorer=SlowScorer(OnnxScorer.load(s.model_manifest), seconds_per_row=0.002)) as w:
         ids = _verdict_ids(s, len(txns))
         limit = w.worker._batch_limit
         assert w.stop() == 0 and w.worker.fatal is None, w.worker.fatal
