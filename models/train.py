@@ -15,6 +15,7 @@ from sklearn.metrics import roc_auc_score
 # Run as a plain script from anywhere, so the repo root is not on sys.path by default.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from worker.synth import generate  # noqa: E402
+from worker.vectors import write_test_vectors  # noqa: E402
 
 NAME = "fraud-gbt"
 FEATURES = [
@@ -26,11 +27,14 @@ FEATURES = [
     "used_pin_number",
     "online_order",
 ]
+FLAGS = {"repeat_retailer", "used_chip", "used_pin_number", "online_order"}
 OUTPUT = "probabilities"
 # An automatic decline should almost never hit a good customer; review balances missed fraud
 # against wasted reviews, so it takes the best-F1 threshold.
 DECLINE_PRECISION = 0.95
 GRID = np.round(np.arange(0.05, 1.0, 0.01), 2)
+# scikit-learn scores in float64, the ONNX tree ensemble in float32.
+TOLERANCE = 1e-5
 
 
 def to_matrix(columns: dict[str, np.ndarray]) -> np.ndarray:
@@ -57,6 +61,14 @@ def best_f1_threshold(y: np.ndarray, p: np.ndarray) -> float:
 def precision_threshold(y: np.ndarray, p: np.ndarray, min_precision: float) -> float:
     """Return the lowest grid threshold whose precision reaches min_precision."""
     return next((float(t) for t in GRID if precision_recall(y, p, t)[0] >= min_precision), 0.99)
+
+
+def vectors(x: np.ndarray, p: np.ndarray, thresholds: tuple[float, float]) -> list[tuple[dict, float]]:
+    """Test vectors: the first held-out rows scikit-learn approves, reviews and declines, with its probabilities."""
+    bands = np.searchsorted(np.array(thresholds), p, side="left")  # 0 approve, 1 review, 2 decline (p > threshold)
+    rows = [int(np.flatnonzero(bands == band)[0]) for band in (0, 1, 2) if np.any(bands == band)]
+    return [({f: bool(x[i, j]) if f in FLAGS else float(x[i, j]) for j, f in enumerate(FEATURES)}, float(p[i]))
+            for i in rows]
 
 
 def main() -> None:
@@ -110,10 +122,11 @@ def main() -> None:
         "input": "features",
         "output": OUTPUT,
         "output_column": 1,
-        "features": [{"source": f} for f in FEATURES],
+        "features": [{"source": f, "mean": 0.0, "scale": 1.0} for f in FEATURES],  # trees need no scaling
         "thresholds": {"review": review, "decline": decline},
     }
     (args.out / f"{NAME}.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_test_vectors(args.out / f"{NAME}.json", vectors(x_test, p, (review, decline)), TOLERANCE)
     print(f"wrote {args.out / NAME}.onnx ({len(data)} bytes) sha256 {sha}")
     print(f"wrote {args.out / NAME}.json")
 

@@ -53,7 +53,7 @@ def make_manifest(**overrides) -> Manifest:
         sha256="0" * 64,
         input="x",
         output="p",
-        features=[{"source": "amount"}],
+        features=[{"source": "amount", "mean": 0.0, "scale": 1.0}],
         thresholds={"review": REVIEW, "decline": DECLINE},
     )
     data.update(overrides)

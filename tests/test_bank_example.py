@@ -19,7 +19,7 @@ from examples.bank import train  # examples/bank is a namespace package, on the 
 ROOT = Path(__file__).resolve().parent.parent
 BANK = ROOT / "examples" / "bank"
 MANIFEST_KEYS = ["name", "version", "model_file", "sha256", "input", "output", "output_column", "id_field",
-                 "card_field", "event_time_field", "copy_fields", "features", "thresholds"]
+                 "card_field", "event_time_field", "copy_fields", "features", "thresholds", "test_vectors"]
 
 synth = train.synth
 

@@ -13,6 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tests.fakes import make_txn
+from tests.models import linear_model, zipmap_model
 from worker.manifest import ManifestError
 from worker.model import OnnxScorer
 
@@ -134,7 +135,7 @@ def test_invalid_json(tmp_path, content):
 def test_unknown_feature_source(tmp_path):
     """A feature whose source is not a numeric Transaction field is a one-line error naming it."""
     features = json.loads(REFERENCE_MANIFEST.read_text())["features"]
-    features[1] = {"source": "merchant_country"}
+    features[1] = {"source": "merchant_country", "mean": 0.0, "scale": 1.0}
     assert "unknown feature source field 'merchant_country'" in load_error(write_manifest(tmp_path, features=features))
 
 
@@ -190,3 +191,75 @@ def test_model_with_external_data_is_refused(tmp_path, monkeypatch):
     blob = (tmp_path / "model.onnx").read_bytes()
     monkeypatch.chdir(tmp_path)
     assert "cannot be loaded by onnxruntime" in load_error(write_model(tmp_path, blob))
+
+
+GBT_MANIFEST = ROOT / "models" / "fraud-gbt.json"
+
+
+def gbt_like(tmp_path: Path, blob: bytes | None = None, **changes) -> Path:
+    """The default model's manifest (7 raw features), for `blob` as its model when given, with `changes` applied."""
+    data = json.loads(GBT_MANIFEST.read_text())
+    data["model_file"] = str(ROOT / "models" / data["model_file"])
+    if blob is not None:
+        (tmp_path / "model.onnx").write_bytes(blob)
+        data.update(model_file="model.onnx", sha256=hashlib.sha256(blob).hexdigest(), input="features",
+                    output="out", test_vectors=[])
+    data.update(changes)
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("last, columns, needle", [
+    (None, 1, "is not a probability: trial rows give values in"),
+    ("Sigmoid", 2, "sum to"),
+], ids=["logit", "two-sigmoids"])
+def test_output_that_is_not_a_probability_is_refused(tmp_path, last, columns, needle):
+    """A logit output, and [N, 2] rows that do not sum to 1, are refused at load, however the column is set."""
+    assert needle in load_error(gbt_like(tmp_path, linear_model(columns, last), output_column=columns - 1))
+
+
+def test_softmax_output_with_an_explicit_column_loads(tmp_path):
+    """The same graph ended by a softmax is a proper [N, 2] probability output and loads with output_column 1."""
+    scorer = OnnxScorer.load(gbt_like(tmp_path, linear_model(2, "Softmax"), output_column=1))
+    assert scorer.predict(np.ones((3, 7), dtype=np.float32)).shape == (3,)
+
+
+def test_skl2onnx_default_export_is_refused_with_the_hint_that_works(tmp_path):
+    """Both outputs of a default skl2onnx export are refused with the re-export hint, and the hinted export loads."""
+    default = zipmap_model(zipmap=True)
+    for output in ("output_probability", "output_label"):
+        message = load_error(gbt_like(tmp_path, default, input="X", output=output, output_column=1))
+        assert "options={'zipmap': False}" in message and "'probabilities'" in message
+    scorer = OnnxScorer.load(gbt_like(tmp_path, zipmap_model(zipmap=False), input="X", output="probabilities",
+                                      output_column=1))
+    assert 0.0 <= scorer.predict(np.zeros((1, 7), dtype=np.float32))[0] <= 1.0
+
+
+def test_test_vector_mismatch_names_the_row_and_both_values(tmp_path):
+    """A test vector the model does not reproduce is refused, naming the row, its inputs, and both probabilities."""
+    from worker.lifecycle import load_model
+    from worker.settings import Settings
+
+    vectors = json.loads(GBT_MANIFEST.read_text())["test_vectors"]
+    vectors[1] = {**vectors[1], "probability": 0.5}
+    with pytest.raises(ManifestError) as info:
+        load_model(Settings(model_manifest=gbt_like(tmp_path, test_vectors=vectors)))
+    assert "test vector 1 (distance_from_home=20.18" in str(info.value)
+    assert "scores 0.868333, the manifest expects 0.5 (tolerance 1e-05)" in str(info.value)
+
+
+@pytest.mark.parametrize("vector, needle", [
+    ({"inputs": {"shoe_size": 42}, "probability": 0.5}, "test_vectors: 'shoe_size' is not a Transaction field"),
+    ({"inputs": {"used_chip": None}, "probability": 0.5}, "test vector 0 is not a Transaction record"),
+    ({"inputs": {"distance_from_home": float("nan")}, "probability": 0.5}, "test vector 0 (distance_from_home=nan)"),
+    ({"inputs": {}, "probability": 1.5}, "probability"),
+], ids=["unknown-field", "null-in-a-required-field", "nan-feature", "probability-out-of-range"])
+def test_unusable_test_vector_is_one_line(tmp_path, vector, needle):
+    """A test vector naming no field, holding a value its field cannot take, or a non-probability is one line."""
+    from worker.lifecycle import load_model
+    from worker.settings import Settings
+
+    with pytest.raises(ManifestError) as info:
+        load_model(Settings(model_manifest=gbt_like(tmp_path, test_vectors=[vector])))
+    assert needle in str(info.value) and "\n" not in str(info.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.kafkatools import committed_offsets
+from tests.models import zipmap_model
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = ROOT / "models" / "fraud-gbt.json"
@@ -41,22 +43,54 @@ def _corrupt(tmp_path: Path) -> Path:
     return path
 
 
+def _unscaled_reference(tmp_path: Path) -> Path:
+    """The reference model's manifest with its scaler left out (mean 0, scale 1), as its tutorial's first client did."""
+    data = json.loads((ROOT / "models" / "reference-fraud-mlp.json").read_text())
+    data["model_file"] = str((ROOT / "models" / data["model_file"]).resolve())
+    data["features"] = [{"source": f["source"], "mean": 0.0, "scale": 1.0} for f in data["features"]]
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _skl2onnx_default_export(tmp_path: Path) -> Path:
+    """A scikit-learn classifier exported with skl2onnx's default options (outputs `output_label`, ZipMap)."""
+    blob = zipmap_model(zipmap=True)
+    (tmp_path / "skl.onnx").write_bytes(blob)
+    return _copy_model(tmp_path, model_file="skl.onnx", sha256=hashlib.sha256(blob).hexdigest(),
+                       output="output_probability", input="X", test_vectors=[])
+
+
+RAW = [{"source": f["source"], "mean": 0.0, "scale": 1.0} for f in json.loads(MANIFEST.read_text())["features"]]
 CASES = {
     "missing model file": (lambda tmp: _copy_model(tmp, model_file="nope.onnx"), "model file not readable"),
     "sha256 mismatch": (_corrupt, "has sha256"),
     "unknown input tensor": (lambda tmp: _copy_model(tmp, input="dense_input"), "is not a model input"),
-    "unknown feature field": (lambda tmp: _copy_model(tmp, features=[{"source": "shoe_size"}] * 7), "unknown feature source"),
+    "unknown feature field": (lambda tmp: _copy_model(tmp, features=[{**RAW[0], "source": "shoe_size"}] * 7),
+                              "unknown feature source"),
     "missing manifest": (lambda tmp: tmp / "absent.json", "model manifest not found"),
+    # The issue's manifest mistakes, each of which used to pass and then score wrongly.
+    "output column not chosen": (lambda tmp: _copy_model(tmp, output_column=None), "has 2 columns"),
+    "output column of the legitimate class": (lambda tmp: _copy_model(tmp, output_column=0),
+                                              "the manifest expects 0.0211878"),
+    "class label output": (lambda tmp: _copy_model(tmp, output="label"),
+                           "class labels, not a probability; use the probability output 'probabilities'"),
+    "standardisation not stated": (lambda tmp: _copy_model(tmp, features=[{"source": f["source"]} for f in RAW]),
+                                   "state the standardisation with `mean` and `scale`"),
+    "reference model without its scaler": (_unscaled_reference, "test vector 0"),
+    "skl2onnx default export": (_skl2onnx_default_export, "options={'zipmap': False}"),
 }
 
 
 @pytest.mark.kafka
+@pytest.mark.parametrize("command", ["run", "check"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_model_stops_start_up_before_consuming(case, settings_for, tmp_path):
-    """A missing, corrupt or mismatched model gives one error line, exit 2, and no committed offset."""
+def test_bad_model_stops_start_up_before_consuming(case, command, settings_for, tmp_path):
+    """A missing, corrupt, mismatched or misdescribed model stops `run` and `check` with one error line, exit 2, and
+    no committed offset."""
     make_manifest, needle = CASES[case]
     s = settings_for(partitions=1, model_manifest=make_manifest(tmp_path))
-    done = _run(s.to_env())
+    done = _command(command, s.to_env())
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2
     assert len(lines) == 1 and lines[0].startswith("fraud-worker: ") and needle in lines[0], done.stderr

@@ -83,6 +83,7 @@ class StartupFailure(RuntimeError):
 
 def _run(args) -> int:
     from .app import StartupError, Worker
+    from .lifecycle import load_model
     from .manifest import ManifestError
     from .metrics import serve
 
@@ -100,7 +101,8 @@ def _run(args) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        worker = Worker(settings, _load_scorer(settings), stop=stop)
+        model = load_model(settings)
+        worker = Worker(settings, model.scorer, model.codec, stop=stop)
         # Bound before start(): a start-up that fails after registering the transactional.id would fence a live
         # replica with the same id.
         if settings.metrics_port:
@@ -116,30 +118,25 @@ def _run(args) -> int:
     return worker.run()
 
 
-def _load_scorer(settings):
-    from .model import OnnxScorer
-    from .recordcodec import load_input_schema
-
-    return OnnxScorer.load(settings.model_manifest, settings.model_file, threads=settings.onnx_threads,
-                           schema=load_input_schema(settings.input_schema))
-
-
 def _check(args) -> int:
     """The real start-up path (settings, model, clients, broker, authentication, topics), then exit; 0 when all pass."""
     from .app import StartupError, Worker
     from .kafka import transactional_id
+    from .lifecycle import load_model
     from .manifest import ManifestError
 
     settings = load_settings()
     logs.configure("ERROR")
     try:
-        worker = Worker(settings, _load_scorer(settings))
+        model = load_model(settings)
+        worker = Worker(settings, model.scorer, model.codec)
         worker.start(offline=args.offline, fence=False)
     except (ManifestError, StartupError) as exc:
         raise StartupFailure(str(exc)) from None
     worker.kafka.close()
     m = worker.scorer.manifest
     print(json.dumps({"model": m.name, "version": m.version, "sha256": m.sha256, "features": len(m.features),
+                      "test_vectors": len(m.test_vectors),
                       "thresholds": m.thresholds.model_dump(), "bootstrap_servers": settings.bootstrap_servers,
                       "topics": [settings.input_topic, settings.verdict_topic, settings.dead_letter_topic],
                       "input_schema": str(settings.input_schema or "schemas/transaction.avsc"),

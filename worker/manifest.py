@@ -42,8 +42,18 @@ class Feature(BaseModel):
     default: float | None = None
     clip: tuple[float, float] | None = None
     missing: float | None = None
-    mean: float = 0.0
-    scale: float = 1.0
+    mean: float
+    scale: float
+
+    @model_validator(mode="before")
+    @classmethod
+    def _standardisation_stated(cls, data):
+        # A missing scaler is the classic silent mistake (the reference model: accuracy 0.973 -> 0.489), so there is
+        # no default: a model that takes the raw value says so with mean 0 and scale 1.
+        if isinstance(data, dict) and not {"mean", "scale"} <= data.keys():
+            raise ValueError(f"{data.get('source')}: state the standardisation with `mean` and `scale` "
+                             "(0 and 1 when the model takes the raw value)")
+        return data
 
     @field_validator("scale")
     @classmethod
@@ -81,6 +91,15 @@ class Feature(BaseModel):
         return np.clip(x, *self.clip) if self.clip is not None else x
 
 
+class TestVector(BaseModel):
+    """An input row (values by field path; other fields get their schema default) and the probability it must score."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    inputs: dict[str, float | int | bool | str | None]
+    probability: float = Field(ge=0.0, le=1.0)
+    tolerance: float = Field(default=1e-5, gt=0.0)
+
+
 class Thresholds(BaseModel):
     """Probabilities above which a transaction is sent to REVIEW or DECLINEd (is_fraud)."""
 
@@ -105,13 +124,14 @@ class Manifest(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     input: str
     output: str
-    output_column: int = Field(default=0, ge=0)
+    output_column: int | None = Field(default=None, ge=0, description="Column of an [N, k] output; needed for k > 1.")
     features: list[Feature] = Field(min_length=1)
     id_field: str = Field("transaction_id", min_length=1, description="The record's id, copied into the verdict.")
     card_field: str = Field("card_id", min_length=1, description="The card's id, copied into the verdict.")
     event_time_field: str = Field("event_time", min_length=1, description="The event time, copied into the verdict.")
     copy_fields: list[str] = Field(default_factory=list, description="Input fields copied into verdict attributes.")
     thresholds: Thresholds
+    test_vectors: list[TestVector] = Field(default_factory=list, description="Rows checked at every load.")
     path: Path | None = Field(default=None, exclude=True)
 
     @classmethod
@@ -143,9 +163,10 @@ class Manifest(BaseModel):
             kind = field_kind(schema, path)
             if kind is None or kind.lstrip("?") not in kinds:
                 return f"{key} {path!r} must name a {' or '.join(sorted(kinds))} field of {schema.get('name')}, not {kind}"
-        for path in self.copy_fields:
+        for path in self.copy_fields + self._vector_paths():
             if field_kind(schema, path) is None:
-                return f"copy_fields: {path!r} is not a field of {schema.get('name')}"
+                what = "copy_fields" if path in self.copy_fields else "test_vectors"
+                return f"{what}: {path!r} is not a field of {schema.get('name')}"
         for f in self.features:
             kind = field_kind(schema, f.source)
             if kind is None:
@@ -157,6 +178,9 @@ class Manifest(BaseModel):
         return None
 
     def _problem_with_transactions(self) -> str | None:
+        for path in self._vector_paths():
+            if path not in TRANSACTION_FIELDS:
+                return f"test_vectors: {path!r} is not a Transaction field; its fields are {sorted(TRANSACTION_FIELDS)}"
         for f in self.features:
             kind = TRANSACTION_FIELDS.get(f.source)
             if kind not in _NUMERIC:
@@ -165,6 +189,9 @@ class Manifest(BaseModel):
             if f.transform == "lookup" or (f.transform in _TIMESTAMP_TRANSFORMS and f.source != "event_time"):
                 return f"feature {f.source!r}: {f.transform} does not apply to a {kind} field"
         return None
+
+    def _vector_paths(self) -> list[str]:
+        return sorted({path for v in self.test_vectors for path in v.inputs})
 
     def model_path(self, override: str | Path | None = None) -> Path:
         """The .onnx file, relative to the manifest unless overridden."""

@@ -58,22 +58,72 @@ class OnnxScorer:
         width = spec.shape[-1] if spec.shape else None
         if isinstance(width, int) and width != len(m.features):
             raise ManifestError(f"model input {m.input!r} takes {width} features, the manifest lists {len(m.features)}")
+        _check_output_type(m.output, outputs)
+        self._check_probabilities()
+
+    def _check_probabilities(self) -> None:
+        """A trial on zeros and standard-normal rows (the standardised feature space) must give probabilities."""
+        m = self.manifest
+        trial = np.vstack([np.zeros((1, len(m.features))),
+                           np.random.default_rng(0).standard_normal((_TRIAL_ROWS, len(m.features)))])
         try:
-            self.predict(np.zeros((2, len(m.features)), dtype=np.float32))
+            out = self._raw(trial.astype(np.float32))
         except Exception as exc:
             raise ManifestError(f"model {m.name} fails a trial prediction: {_first_line(exc)}") from None
+        columns = out.shape[1]
+        if columns > 1 and m.output_column is None:
+            raise ManifestError(f"model output {m.output!r} has {columns} columns ([N, {columns}]); set output_column "
+                                "to the fraud class's column (1 for a scikit-learn binary classifier)")
+        if self._column >= columns:
+            raise ManifestError(f"output_column {self._column} is outside model output {m.output!r} of {columns} columns")
+        low, high = float(np.min(out)), float(np.max(out))
+        if not (np.all(np.isfinite(out)) and low >= 0.0 and high <= 1.0):
+            raise ManifestError(f"model output {m.output!r} is not a probability: trial rows give values in "
+                                f"[{low:.4g}, {high:.4g}] (a logit or a score? end the graph with a sigmoid/softmax)")
+        sums = out.sum(axis=1)
+        if columns > 1 and not np.allclose(sums, 1.0, atol=_SUM_TOLERANCE):
+            raise ManifestError(f"rows of model output {m.output!r} sum to [{sums.min():.4g}, {sums.max():.4g}], "
+                                "not 1: its columns are not class probabilities")
 
     def predict(self, matrix: np.ndarray) -> np.ndarray:
         """Run the model once on an [N, F] float32 matrix; return N probabilities as float64."""
-        out = np.asarray(self._session.run(self._outputs, {self.manifest.input: matrix})[0])
-        if out.ndim == 1:
-            out = out[:, None]
-        if out.shape[0] != matrix.shape[0] or out.shape[1] <= self.manifest.output_column:
+        out = self._raw(matrix)
+        if out.shape[0] != matrix.shape[0] or out.shape[1] <= self._column:
             raise ManifestError(
                 f"model output {self.manifest.output!r} has shape {out.shape}; "
-                f"expected [{matrix.shape[0]}, >{self.manifest.output_column}]"
+                f"expected [{matrix.shape[0]}, >{self._column}]"
             )
-        return out[:, self.manifest.output_column].astype(np.float64)
+        return out[:, self._column].astype(np.float64)
+
+    @property
+    def _column(self) -> int:
+        return self.manifest.output_column or 0
+
+    def _raw(self, matrix: np.ndarray) -> np.ndarray:
+        out = np.asarray(self._session.run(self._outputs, {self.manifest.input: matrix})[0])
+        return out[:, None] if out.ndim == 1 else out
+
+
+_TRIAL_ROWS = 64
+# Float32 softmax rows sum to 1 within about 1e-6; a looser bound only tolerates rounding, never a missing softmax.
+_SUM_TOLERANCE = 1e-3
+_REEXPORT_HINT = ("re-export without the ZipMap: skl2onnx.to_onnx(model, X, options={'zipmap': False}), then use "
+                  "its 'probabilities' output with output_column 1")
+
+
+def _check_output_type(name: str, outputs: dict) -> None:
+    """Refuse an output that cannot hold probabilities: class labels, or skl2onnx's ZipMap (a sequence of maps)."""
+    kind = outputs[name].type
+    if kind in ("tensor(float)", "tensor(double)"):
+        return
+    if kind.startswith("seq(map("):
+        raise ManifestError(f"model output {name!r} is {kind}, skl2onnx's ZipMap; {_REEXPORT_HINT}")
+    candidates = [o for o, spec in outputs.items() if spec.type in ("tensor(float)", "tensor(double)")]
+    if kind.startswith("tensor(int") or kind == "tensor(string)":
+        use = (f"use the probability output {candidates[0]!r}" if len(candidates) == 1 else
+               f"use one of the probability outputs {candidates}" if candidates else _REEXPORT_HINT)
+        raise ManifestError(f"model output {name!r} is {kind}, class labels, not a probability; {use}")
+    raise ManifestError(f"model output {name!r} is {kind}; a probability output is tensor(float) or tensor(double)")
 
 
 def _first_line(exc: Exception) -> str:

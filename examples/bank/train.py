@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))  # the worker's package, also when run as a plain script
+from worker.vectors import write_test_vectors  # noqa: E402
 
 
 def _load(name: str, path: Path):
@@ -42,6 +44,8 @@ INPUT, OUTPUT = "features", "probabilities"
 RISKY_MCCS = ["5967", "7995", "4829"]
 # Share of held-out traffic the thresholds put above review (REVIEW or DECLINE) and above decline.
 REVIEW_SHARE, DECLINE_SHARE = 0.05, 0.01
+# Test vectors hold scikit-learn's float64 probabilities; the ONNX trees run in float32 (drift < 1e-4, checked below).
+TOLERANCE = 1e-4
 
 
 class MissingFeature(ValueError):
@@ -127,11 +131,27 @@ def feature_specs(train_records: Sequence[Mapping[str, Any]]) -> list[dict[str, 
         {"source": "customer_distance_km", "transform": "log1p", "missing": 0.0, "clip": [0, 10]},
     ]
     for spec in specs:
+        spec["mean"], spec["scale"] = 0.0, 1.0
         if spec["source"] in ("amount", "event_time"):
             x = features(train_records, [spec])[:, 0].astype(np.float64)
             spec["mean"] = round(float(x.mean()), 6)
             spec["scale"] = round(float(x.std()), 6)
     return specs
+
+
+def test_vectors(records: Sequence[Mapping[str, Any]], specs: Sequence[Mapping[str, Any]], p: np.ndarray,
+                 thresholds: tuple[float, float]) -> list[tuple[dict, float]]:
+    """The first held-out record scikit-learn approves, reviews and declines: its feature fields and probability."""
+    bands = np.searchsorted(np.array(thresholds), p, side="left")  # 0 approve, 1 review, 2 decline (p > threshold)
+    rows = [int(np.flatnonzero(bands == band)[0]) for band in (0, 1, 2) if np.any(bands == band)]
+    return [({spec["source"]: _json(value_at(records[i], spec["source"])) for spec in specs}, float(p[i]))
+            for i in rows]
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return int(value.timestamp() * 1000)
+    return float(value) if isinstance(value, Decimal) else value
 
 
 def export_onnx(model, n_features: int) -> bytes:
@@ -218,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{NAME}.onnx").write_bytes(data)
     (args.out / f"{NAME}.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    vectors = test_vectors(records[cut:], specs, clf.predict_proba(x_test)[:, 1], (review, decline))
+    write_test_vectors(args.out / f"{NAME}.json", vectors, TOLERANCE)
     print(f"wrote {args.out / NAME}.onnx ({len(data)} bytes) sha256 {sha}")
     print(f"wrote {args.out / NAME}.json")
 
