@@ -43,10 +43,12 @@ from worker.settings import Settings  # noqa: E402
 PORT = 59092
 QUIX_VENV = ROOT / "bench" / ".venv-quix"
 QUIX_PACKAGES = ["quixstreams>=3.20,<4", "fastavro", "onnxruntime", "numpy"]
-CONTENDERS = ("worker", "worker_exactly_once", "ceiling", "worker_batch1", "quix_peer")
-# Worker contenders: their settings beyond the defaults.
+CONTENDERS = ("worker", "worker_exactly_once", "worker_challenger", "ceiling", "worker_batch1", "quix_peer")
+# Worker contenders: their settings beyond the defaults. The challenger (the reference MLP beside the default trees)
+# also writes its verdicts to a shadow topic of its own.
 WORKERS = {"worker": {}, "worker_profiled": {}, "worker_batch1": {"batch_max_size": 1},
-           "worker_exactly_once": {"delivery": "exactly_once"}}
+           "worker_exactly_once": {"delivery": "exactly_once"},
+           "worker_challenger": {"challenger_manifest": ROOT / "models" / "reference-fraud-mlp.json"}}
 SAMPLE_EVERY = 10
 METHOD = {
     "throughput": "outputs / (last - first output broker timestamp); output topics use LogAppendTime; exactly-once: "
@@ -270,8 +272,12 @@ def run_contender(name: str, conf: dict, probe: Probe, run_id: str, source: str,
     outs = [f"{tag}-out", f"{tag}-dlq"] if name != "ceiling" else [f"{tag}-out"]
     create_topics(conf, outs, partitions, log_append=True)
     bootstrap = conf["bootstrap.servers"]
+    overrides = dict(WORKERS.get(name, {}))
+    if "challenger_manifest" in overrides:
+        overrides["shadow_topic"] = f"{tag}-shadow"
+        create_topics(conf, [overrides["shadow_topic"]], partitions, log_append=True)
     if name in WORKERS:
-        child = start_worker(bootstrap, tag, source, outs, logs, **WORKERS[name])
+        child = start_worker(bootstrap, tag, source, outs, logs, **overrides)
     elif name == "ceiling":
         child = start_script(sys.executable, "ceiling.py", [bootstrap, outs[0], source, outs[0]], logs / f"{tag}.log")
     else:
@@ -279,6 +285,8 @@ def run_contender(name: str, conf: dict, probe: Probe, run_id: str, source: str,
     print(f"  {name:14s}", end=" ", flush=True)
     result = drain(conf, probe, child, source, outs[0], outs, expected, on_ready,
                    transactional=WORKERS.get(name, {}).get("delivery") == "exactly_once")
+    if "shadow_topic" in overrides:
+        result["shadow_verdicts"] = probe.count([overrides["shadow_topic"]])
     print(f"{result['throughput_tps']:>9,} txn/s  {result['cpu_us_per_txn']:>7} µs/txn  "
           f"peak RSS {result['peak_rss_mib']} MiB  (exit {result['exit_code']})", flush=True)
     return result

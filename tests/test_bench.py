@@ -20,7 +20,9 @@ def test_bench_smoke_measures_every_contender(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["contenders"]) == {"worker", "worker_exactly_once", "ceiling", "worker_batch1", "quix_peer"}
+    assert set(results["contenders"]) == {"worker", "worker_exactly_once", "worker_challenger", "ceiling",
+                                          "worker_batch1", "quix_peer"}
+    assert results["contenders"]["worker_challenger"]["rounds"][0]["shadow_verdicts"] == results["messages"]
     assert all(c["throughput_tps"] > 0 for c in results["contenders"].values())
     assert {r["contender"] for r in results["latency"]} == {"worker", "worker_exactly_once"}
     assert (tmp_path / "bench.png").stat().st_size > 0

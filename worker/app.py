@@ -12,6 +12,7 @@ from confluent_kafka import KafkaError, KafkaException
 
 from .codec import Codec
 from .recordcodec import RecordCodec, input_codec
+from .lifecycle import LoadedModel, Models
 from .kafka import (
     RECORD_ERRORS, Aborting, ConfigError, Interrupted, KafkaFatal, KafkaIO, Refused, TopicWatch, client_config,
     describe_topics, transactional_id,
@@ -43,6 +44,7 @@ _INNOCENT_ROUNDS = 3
 _PROBE_ATTEMPTS = 8
 # How long a transactional call may outlive its own timeout before the worker gives up on it (seconds).
 _HUNG_S = 15.0
+_SHADOW_FLUSH_S = 5.0
 
 
 class _Ticket:
@@ -171,6 +173,7 @@ class Worker:
         # output passed its probe alone, so only their batching was refused (RECORD_LIST_TOO_LARGE and the like).
         self._one_at_a_time: dict[TP, int] = {}
         self._innocent_rounds = 0
+        self.models = Models(settings, self.metrics, self.stop)
         m = scorer.manifest
         self.metrics.model.info({"name": m.name, "version": m.version, "sha256": m.sha256})
         self.health.model_loaded = True
@@ -270,6 +273,7 @@ class Worker:
         self.kafka.subscribe()
         watch = TopicWatch(client_config(s), s.input_topic).start()
         seen = watch.generation
+        self.models.start()
         log.info("worker_started", input=s.input_topic, model=self.scorer.manifest.name,
                  model_version=self.scorer.manifest.version, batch_max_size=s.batch_max_size)
         last_commit, last_lag = time.monotonic(), 0.0
@@ -288,6 +292,9 @@ class Worker:
                 if revocations != self._revocations:
                     # consume() can return messages fetched before a revoke it ran; their new owner scores them.
                     msgs = [m for m in msgs if (m.topic(), m.partition()) in self._assigned]
+                swapped = self.models.swapped()
+                if swapped is not None:
+                    self._swap(swapped)
                 if msgs:
                     self._adapt_batch_limit(self._process(msgs), budget)
                 self.kafka.serve_deliveries(0)
@@ -314,6 +321,15 @@ class Worker:
             self._fail(f"unexpected {type(exc).__name__}: {exc}")
         watch.close()
         return self._shutdown()
+
+    def _swap(self, model: LoadedModel) -> None:
+        """Score with a new live model from the next batch on (a batch boundary); its verdicts carry its version."""
+        old = self.scorer.manifest
+        model.codec.verdict_prefix = self.codec.verdict_prefix
+        self.scorer, self.codec = model.scorer, model.codec
+        m = model.scorer.manifest
+        self.metrics.model.info({"name": m.name, "version": m.version, "sha256": m.sha256})
+        log.info("model_swapped", model=m.name, version=m.version, previous=f"{old.name} {old.version}")
 
     def _input_topic_changed(self, present: bool, topic_id: str | None) -> None:
         """Readiness follows the input topic; a re-created topic (new topic id) starts clean from its beginning."""
@@ -361,8 +377,10 @@ class Worker:
         scored, fated = msgs, []
         if self._fates:
             scored, bodies, fated = self._fated(msgs, bodies)
-        outcome = score_batch(scored, self.scorer, self.codec, int(time.time() * 1000), bodies)
+        now_ms = int(time.time() * 1000)
+        outcome = score_batch(scored, self.scorer, self.codec, now_ms, bodies)
         outcome.dead_letters += fated
+        self.models.shadow(outcome, self.codec, now_ms)
         first: dict[int, int] = {}
         last: dict[int, int] = {}
         for m in msgs:
@@ -822,5 +840,6 @@ class Worker:
             # Only a broker that is away can hold close() past the deadline; otherwise close as librdkafka intends.
             if not self.kafka.close(None if self.health.broker_reachable else self._time_left()):
                 log.warning("consumer_close_timed_out", detail="the group drops this member after session.timeout.ms")
+        self.models.close(min(_SHADOW_FLUSH_S, self._time_left()))
         log.info("worker_stopped", reason=self.fatal or "stop requested", unacknowledged=outstanding)
         return 1 if self.fatal else 0

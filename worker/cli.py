@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("run", help="run the scoring worker (configured by FRAUD_* variables)")
     p = sub.add_parser("check", help="run the start-up path (settings, model, clients, broker, topics), then exit")
     p.add_argument("--offline", action="store_true", help="check settings, model and client configuration only")
+    sub.add_parser("promote", help="check the challenger (FRAUD_CHALLENGER_MANIFEST), then make it the live model: "
+                                   "its manifest replaces FRAUD_MODEL_MANIFEST's file, which running replicas watch")
     p = sub.add_parser("topics", help="create the input, verdict and dead-letter topics")
     p.add_argument("--partitions", type=int, default=6, help="input topic partitions (default 6)")
     p.add_argument("--output-partitions", type=int, default=6, help="verdict and dead-letter topic partitions")
@@ -36,6 +38,30 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("verdicts", help="print verdicts as JSON lines")
     p.add_argument("--max", type=int, default=0, help="stop after this many (0 = until idle)")
     p.add_argument("--idle", type=float, default=5.0, help="stop after this many idle seconds")
+    p.add_argument("--topic", help="the topic to read (default FRAUD_VERDICT_TOPIC); refused unless it holds verdicts")
+    p = sub.add_parser("dlq", help="inspect dead letters, or replay them to the input topic once")
+    actions = p.add_subparsers(dest="action", required=True)
+    select = argparse.ArgumentParser(add_help=False)
+    select.add_argument("--stage", action="append", choices=["deserialize", "validate", "score", "produce"],
+                        help="only this stage (repeatable)")
+    select.add_argument("--reason", action="append",
+                        help="only this exception class name, e.g. DecodeError (repeatable)")
+    select.add_argument("--since", help="failure time (fraud.errors.timestamp) from this, inclusive: ISO-8601 (UTC "
+                                        "unless it has an offset) or epoch ms")
+    select.add_argument("--until", help="failure time before this, exclusive: ISO-8601 or epoch ms")
+    select.add_argument("--partition", type=int, action="append", help="only this dead-letter partition (repeatable)")
+    select.add_argument("--from-offset", type=int, help="first offset to read in each dead-letter partition")
+    select.add_argument("--to-offset", type=int, help="last offset to read in each dead-letter partition (inclusive)")
+    select.add_argument("--records", action="store_true", help="also print each dead letter as a JSON line")
+    actions.add_parser("inspect", parents=[select], help="count dead letters by stage, reason and source partition")
+    p = actions.add_parser("replay", parents=[select],
+                           help="re-produce dead letters to the input topic, each at most once (a ledger topic)")
+    p.add_argument("--to-topic", help="where to replay (default FRAUD_INPUT_TOPIC)")
+    p.add_argument("--ledger-topic", help="the compacted ledger of replayed dead letters (default <dead-letter "
+                                          "topic>.replayed; created if missing)")
+    p.add_argument("--dry-run", action="store_true", help="count (and with --records print) what would be replayed")
+    p.add_argument("--rate", type=float, default=0.0, help="records per second (0 = unlimited)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr (none when not a TTY)")
     p = sub.add_parser("broker", help="manage the local Kafka broker (no Docker needed)")
     p.add_argument("action", choices=["start", "stop", "status"])
     p.add_argument("--port", type=int, default=9092,
@@ -129,19 +155,73 @@ def _check(args) -> int:
     logs.configure("ERROR")
     try:
         model = load_model(settings)
+        challenger = _load_challenger(settings)
         worker = Worker(settings, model.scorer, model.codec)
         worker.start(offline=args.offline, fence=False)
     except (ManifestError, StartupError) as exc:
         raise StartupFailure(str(exc)) from None
     worker.kafka.close()
     m = worker.scorer.manifest
+    c = challenger.scorer.manifest if challenger else None
     print(json.dumps({"model": m.name, "version": m.version, "sha256": m.sha256, "features": len(m.features),
                       "test_vectors": len(m.test_vectors),
                       "thresholds": m.thresholds.model_dump(), "bootstrap_servers": settings.bootstrap_servers,
                       "topics": [settings.input_topic, settings.verdict_topic, settings.dead_letter_topic],
                       "input_schema": str(settings.input_schema or "schemas/transaction.avsc"),
                       "schema_registry_url": settings.schema_registry_url, "delivery": settings.delivery,
-                      "transactional_id": transactional_id(settings) if worker.exactly_once else None}))
+                      "transactional_id": transactional_id(settings) if worker.exactly_once else None,
+                      "challenger": {"model": c.name, "version": c.version, "sha256": c.sha256,
+                                     "shadow_topic": settings.shadow_topic} if c else None}))
+    return 0
+
+
+def _load_challenger(settings):
+    """The challenger with every check (None when none is set); a ManifestError names it as the challenger."""
+    from .lifecycle import load_model
+    from .manifest import ManifestError
+
+    if not settings.challenger_manifest:
+        return None
+    try:
+        return load_model(settings, settings.challenger_manifest)
+    except ManifestError as exc:
+        raise ManifestError(f"challenger: {exc}") from None
+
+
+def _promote(args) -> int:
+    """Check the challenger, then make it live: its manifest replaces FRAUD_MODEL_MANIFEST's file atomically."""
+    import os
+    from pathlib import Path
+
+    from .lifecycle import manifest_digest
+    from .manifest import ManifestError
+
+    settings = load_settings()
+    logs.configure("ERROR")
+    try:
+        challenger = _load_challenger(settings)
+    except ManifestError as exc:
+        raise StartupFailure(str(exc)) from None
+    if challenger is None:
+        raise StartupFailure("no challenger to promote: set FRAUD_CHALLENGER_MANIFEST")
+    if settings.model_file:
+        raise StartupFailure("FRAUD_MODEL_FILE overrides the live manifest's model file; unset it to promote")
+    live = Path(settings.model_manifest).resolve()
+    data = json.loads(Path(settings.challenger_manifest).read_text())
+    # model_file is relative to its manifest: rewrite it for the live manifest's folder.
+    data["model_file"] = os.path.relpath(challenger.scorer.manifest.model_path(), live.parent)
+    before = manifest_digest(live)
+    staged = live.with_name(f".{live.name}.promote-{os.getpid()}")
+    try:
+        staged.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(staged, live)  # atomic: a watching replica reads the old manifest or the new, never half of one
+    except OSError as exc:
+        raise StartupFailure(f"cannot replace {live}: {exc.strerror} (in Kubernetes, change the ConfigMap that "
+                             "holds it instead)") from None
+    m = challenger.scorer.manifest
+    print(json.dumps({"promoted": {"model": m.name, "version": m.version, "sha256": m.sha256},
+                      "manifest": str(live), "manifest_sha256_before": before,
+                      "manifest_sha256": manifest_digest(live)}))
     return 0
 
 
@@ -194,13 +274,53 @@ def _input_prefix(s) -> bytes:
 
 
 def _verdicts(args) -> int:
-    from .demo import read_verdicts
+    from .codec import Codec
+    from .dlq import ERRORS
+    from .kafka import client_config, iter_topic
 
     s = load_settings()
-    for n, (verdict, _arrival) in enumerate(read_verdicts(s, idle_s=args.idle), start=1):
+    topic, codec, n = args.topic or s.verdict_topic, Codec(), 0
+    for record in iter_topic(client_config(s), topic, args.idle):
+        if record is None:
+            continue
+        where = f"partition {record.partition} offset {record.offset}"
+        if any(name.startswith(ERRORS) for name in record.headers):
+            raise StartupFailure(f"{topic} is a dead-letter topic (fraud.errors.* headers at {where}), not a verdict "
+                                 f"topic; read it with `fraud-worker dlq inspect --records`")
+        try:
+            verdict = codec.decode_verdict(record.value)
+        except Exception:
+            raise StartupFailure(f"{topic} is not a verdict topic: the record at {where} does not decode as a "
+                                 f"verdict") from None
         print(json.dumps(verdict), flush=True)
+        n += 1
         if args.max and n >= args.max:
             break
+    return 0
+
+
+def _dlq(args) -> int:
+    from . import dlq
+
+    s = load_settings()
+    try:
+        since, until = (None if t is None else dlq.parse_time(t) for t in (args.since, args.until))
+    except ValueError:
+        raise StartupFailure("--since and --until take ISO-8601 (2024-05-01T12:00:00Z) or epoch milliseconds") from None
+    selection = dlq.Selection(
+        partitions=frozenset(args.partition) if args.partition else None, from_offset=args.from_offset,
+        to_offset=args.to_offset, since_ms=since, until_ms=until, stages=frozenset(args.stage or ()),
+        reasons=frozenset(args.reason or ()))
+    emit = (lambda record: print(dlq.to_json(record), flush=True)) if args.records else None
+    try:
+        if args.action == "inspect":
+            summary = dlq.inspect(s, selection, emit)
+        else:
+            summary = dlq.replay(s, selection, to_topic=args.to_topic, ledger_topic=args.ledger_topic,
+                                 dry_run=args.dry_run, rate=args.rate, progress=not args.no_progress, emit=emit)
+    except dlq.DlqError as exc:
+        raise StartupFailure(str(exc)) from None
+    print(dlq.to_json(summary), flush=True)
     return 0
 
 
@@ -240,9 +360,11 @@ _COMMANDS = {
     "chaos": _chaos,
     "run": _run,
     "check": _check,
+    "promote": _promote,
     "topics": _topics,
     "produce": _produce,
     "verdicts": _verdicts,
+    "dlq": _dlq,
     "broker": _broker,
     "registry": _registry,
     "demo": _demo,

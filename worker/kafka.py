@@ -730,3 +730,30 @@ def wait_for_broker(conf: dict, timeout: float) -> None:
         except KafkaException as exc:
             last = exc.args[0].str()
     raise KafkaFatal(f"Kafka at {conf.get('bootstrap.servers')} did not answer within {timeout:.0f}s: {last}")
+
+
+class ShadowOutput:
+    """A challenger's verdicts: a producer of its own, outside the worker's offsets and transactions."""
+
+    def __init__(self, settings: Settings, topic: str, failed: Callable[[str], None]):
+        conf = {k: v for k, v in producer_config(settings).items() if not k.startswith("transaction")}
+        self.producer = Producer({**conf, "logger": QUIET_LOG, "error_cb": lambda err: failed(err.str())})
+        self.topic = topic
+        self._failed = failed
+
+    def send(self, keys: list[bytes | None], values: list[bytes]) -> None:
+        """Produce one shadow verdict per key; a refusal, here or in its delivery report, is passed to `failed`."""
+        for key, value in zip(keys, values):
+            try:
+                self.producer.produce(self.topic, value, key, on_delivery=self._delivered)
+            except (BufferError, KafkaException) as exc:
+                self._failed(str(exc))
+        self.producer.poll(0)
+
+    def _delivered(self, err: KafkaError | None, _msg) -> None:
+        if err is not None:
+            self._failed(err.str())
+
+    def close(self, timeout: float) -> None:
+        """Deliver what is queued within `timeout` seconds."""
+        self.producer.flush(timeout)

@@ -37,7 +37,21 @@ class Metrics:
                               ["reason"], registry=r)
         self.fraud_rate = Gauge("fraud_worker_fraud_rate", "Share of verdicts with is_fraud since start.", registry=r)
         self.assigned = Gauge("fraud_worker_assigned_partitions", "Input partitions assigned to this worker.", registry=r)
-        self.model = Info("fraud_worker_model", "The model in use.", registry=r)
+        self.model = Info("fraud_worker_model", "The live model: name, version, sha256.", registry=r)
+        self.model_loads = Counter("fraud_worker_model_loads", "Changed manifests loaded while running, by role "
+                                   "(live, challenger) and result (swapped, refused).", ["role", "result"], registry=r)
+        self.challenger = Info("fraud_worker_challenger", "The challenger model scored in shadow.", registry=r)
+        self.challenger_decisions = Counter(
+            "fraud_worker_challenger_decisions", "Transactions scored by both models, by live and challenger decision.",
+            ["live", "challenger"], registry=r)
+        self.challenger_agreement = Gauge("fraud_worker_challenger_agreement",
+                                          "Share of transactions scored by both models with the same decision.",
+                                          registry=r)
+        self.challenger_seconds = Histogram("fraud_worker_challenger_seconds",
+                                            "Time the challenger adds to one batch (features, model, shadow verdicts).",
+                                            registry=r)
+        self.challenger_failures = Counter("fraud_worker_challenger_failures",
+                                           "Challenger failures, by stage (load, score, shadow).", ["stage"], registry=r)
         self._verdict_count = 0
         self._fraud_count = 0
 

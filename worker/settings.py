@@ -135,6 +135,13 @@ class Settings(BaseSettings):
     model_manifest: Path = Field(ROOT / "models" / "fraud-gbt.json", description="Model manifest (JSON).")
     model_file: Path | None = Field(None, description="Override of the manifest's model_file path.")
     onnx_threads: int = Field(1, ge=1, le=64, description="onnxruntime intra-op threads; scale with replicas.")
+    model_watch_s: float = Field(
+        5.0, ge=0, le=3600, description="Seconds between reads of the manifests: a changed one is loaded, checked and "
+                                        "swapped in at a batch boundary (0: never).")
+    challenger_manifest: Path | None = Field(
+        None, description="A second model scored in shadow on every batch; it never changes a live verdict.")
+    shadow_topic: str | None = Field(
+        None, min_length=1, description="Topic of the challenger's verdicts (unset: metrics only).")
 
     batch_max_size: int = Field(1000, ge=1, le=100_000, description="Most messages scored in one model call.")
     batch_max_wait_ms: int = Field(5, ge=0, le=10_000, description="After the first message, wait this long to fill a batch.")
