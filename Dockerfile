@@ -2,7 +2,7 @@
 # fraud-worker image: `docker build -t fraud-worker:0.1.0 .`, then `docker run fraud-worker:0.1.0` (= `fraud-worker run`).
 #
 # Layout: the code, the Avro schemas and the default model live in /app and run from there
-# (WORKDIR /app, PYTHONPATH=/app). worker/codec.py finds schemas/ and worker/settings.py finds
+# (WORKDIR /app, PYTHONPATH=/app). worker/avro/codec.py finds schemas/ and worker/settings.py finds
 # models/ next to the `worker` package, so the package must not run from site-packages. The venv
 # in /opt/venv holds the dependencies and the `fraud-worker` console script only.
 #
@@ -45,7 +45,7 @@ COPY worker/ ./worker/
 # Precompile (the root filesystem may be read-only at run time), then prove at build time that the code
 # runs from /app, that both schemas load, and that the baked-in model matches its manifest's sha256.
 RUN python -m compileall -q worker \
- && python -c "import pathlib, worker, worker.codec as c; assert pathlib.Path(worker.__file__).parent == pathlib.Path('/app/worker'), worker.__file__; c.load_schema('transaction'); c.load_schema('verdict')" \
+ && python -c "import pathlib, worker, worker.avro.codec as c; assert pathlib.Path(worker.__file__).parent == pathlib.Path('/app/worker'), worker.__file__; c.load_schema('transaction'); c.load_schema('verdict')" \
  && fraud-worker check --offline > /dev/null
 USER 10001:10001
 EXPOSE 9108

@@ -10,7 +10,7 @@ import tempfile
 
 CODE = """
 import time, sys
-from worker.localbroker import LocalBroker, fetch_jars
+from worker.tools.localbroker import LocalBroker, fetch_jars
 from pathlib import Path
 t0 = time.monotonic(); fetch_jars(); t1 = time.monotonic()
 b = LocalBroker(port=int(sys.argv[1]), home=Path(sys.argv[2]))

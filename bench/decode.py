@@ -1,5 +1,5 @@
 """Decode cost per record, same data, same run: the hand-compiled codec of our schema, the schema-compiled
-BatchDecoder (worker/avrobatch.py), the record codec built on it, and plain fastavro.
+BatchDecoder (worker/avro/avrobatch.py), the record codec built on it, and plain fastavro.
 
     .venv/bin/python bench/decode.py            # µs/record (best of ROUNDS) and the ratio to fastavro
 """
@@ -18,11 +18,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from examples.bank import synth  # noqa: E402
-from worker import traffic  # noqa: E402
-from worker.avrobatch import BatchDecoder  # noqa: E402
-from worker.codec import Codec  # noqa: E402
-from worker.manifest import Manifest  # noqa: E402
-from worker.recordcodec import RecordCodec  # noqa: E402
+from worker.tools import traffic  # noqa: E402
+from worker.avro.avrobatch import BatchDecoder  # noqa: E402
+from worker.avro.codec import Codec  # noqa: E402
+from worker.avro.recordcodec import RecordCodec  # noqa: E402
+from worker.model.manifest import Manifest  # noqa: E402
 
 N, ROUNDS = 1000, 30
 BANK = ROOT / "examples" / "bank"

@@ -28,11 +28,11 @@ def main() -> None:
     a = p.parse_args()
     sys.path.insert(0, str(a.tree))
     os.chdir(a.tree)
-    from worker import traffic
     from worker.app import Worker
     from worker.kafka import create_topics, end_offsets, plain_producer
-    from worker.model import OnnxScorer
+    from worker.model.scorer import OnnxScorer
     from worker.settings import Settings
+    from worker.tools import traffic
 
     conf = {"bootstrap.servers": os.environ.get("FRAUD_BOOTSTRAP_SERVERS", "127.0.0.1:9092")}
     if a.prefill:

@@ -33,12 +33,12 @@ sys.path.insert(0, str(ROOT))
 from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 from confluent_kafka.admin import NewTopic  # noqa: E402
 
-from worker import traffic  # noqa: E402
-from worker.codec import Codec  # noqa: E402
+from worker.tools import traffic  # noqa: E402
+from worker.avro.codec import Codec  # noqa: E402
 from worker.kafka import QUIET_LOG, admin, committed_offsets, plain_producer, send  # noqa: E402
-from worker.localbroker import CACHE, KAFKA_VERSION, LocalBroker  # noqa: E402
-from worker.replica import Replica  # noqa: E402
 from worker.settings import Settings  # noqa: E402
+from worker.tools.localbroker import CACHE, KAFKA_VERSION, LocalBroker  # noqa: E402
+from worker.tools.replica import Replica  # noqa: E402
 
 PORT = 59092
 QUIX_VENV = ROOT / "bench" / ".venv-quix"
@@ -78,7 +78,7 @@ class Child:
 
 
 def start_worker(bootstrap: str, name: str, source: str, outs: list[str], logs: Path, **overrides) -> Child:
-    """The worker as `python -m worker run` (worker.replica.Replica) with default settings plus `overrides`."""
+    """The worker as `python -m worker run` (worker.tools.replica.Replica) with default settings plus `overrides`."""
     s = Settings(bootstrap_servers=bootstrap, group_id=outs[0], input_topic=source, verdict_topic=outs[0],
                  dead_letter_topic=outs[1], worker_id=name, metrics_port=0, **overrides)
     replica = Replica(s, logs / f"{name}.log")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
-from worker.vectors import write_test_vectors  # noqa: E402
+from worker.model.vectors import write_test_vectors  # noqa: E402
 
 EXPECTED = ROOT.parent / "shared" / "reference-model" / "expected.json"
 # expected.json: "every example probability to within 1e-5".

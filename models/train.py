@@ -14,8 +14,8 @@ from sklearn.metrics import roc_auc_score
 
 # Run as a plain script from anywhere, so the repo root is not on sys.path by default.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from worker.synth import generate  # noqa: E402
-from worker.vectors import write_test_vectors  # noqa: E402
+from worker.model.vectors import write_test_vectors  # noqa: E402
+from worker.tools.synth import generate  # noqa: E402
 
 NAME = "fraud-gbt"
 FEATURES = [

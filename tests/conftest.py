@@ -14,11 +14,11 @@ from typing import IO
 import pytest
 
 from worker.kafka import create_topics
-from worker.localbroker import KAFKA_VERSION, LocalBroker, broker_home
-from worker.localregistry import LocalRegistry
-from worker.localregistry import answers as registry_answers
-from worker.localservice import LocalProcess, checkout_dir, free_ports
 from worker.settings import Settings
+from worker.tools.localbroker import KAFKA_VERSION, LocalBroker, broker_home
+from worker.tools.localregistry import LocalRegistry
+from worker.tools.localregistry import answers as registry_answers
+from worker.tools.localservice import LocalProcess, checkout_dir, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT.parent / "shared" / "reference-model"

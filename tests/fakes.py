@@ -7,8 +7,8 @@ import time
 
 import numpy as np
 
-from worker.codec import Codec
-from worker.manifest import Manifest
+from worker.avro.codec import Codec
+from worker.model.manifest import Manifest
 from worker.records import Envelope, Transaction
 
 CODEC = Codec()

@@ -6,12 +6,13 @@ import threading
 import time
 from pathlib import Path
 
-from worker import kafka, traffic
+from worker import kafka
 from worker.app import Worker
 from worker.kafka import Record
-from worker.model import OnnxScorer
-from worker.replica import Replica as WorkerProcess
+from worker.model.scorer import OnnxScorer
 from worker.settings import Settings
+from worker.tools import traffic
+from worker.tools.replica import Replica as WorkerProcess
 
 __all__ = ["Record", "WorkerProcess", "WorkerThread", "committed_offsets", "end_offsets", "produce_raw",
            "produce_transactions", "read_topic", "wait_until"]

@@ -1,4 +1,4 @@
-"""The schema-compiled batch decoder (worker/avrobatch.py) agrees with fastavro, record for record, on any input."""
+"""The schema-compiled batch decoder (worker/avro/avrobatch.py) agrees with fastavro, record for record, on any input."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from fastavro.io.binary_decoder import BinaryDecoder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from worker.avrobatch import BatchDecoder, Unsupported
+from worker.avro.avrobatch import BatchDecoder, Unsupported
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = settings(max_examples=200, deadline=None, database=None,

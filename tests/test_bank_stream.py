@@ -14,10 +14,10 @@ from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 
 from tests.kafkatools import WorkerThread, committed_offsets, end_offsets, read_topic
 from tests.test_bank_example import synth, train
-from worker.codec import read_verdict, load_schema
-from worker.model import OnnxScorer
-from worker.recordcodec import load_input_schema
-from worker.registry import frame
+from worker.avro.codec import load_schema, read_verdict
+from worker.avro.recordcodec import load_input_schema
+from worker.avro.registry import frame
+from worker.model.scorer import OnnxScorer
 
 pytestmark = pytest.mark.kafka
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,8 +15,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, ConfigSource
 
 from worker.kafka import answers, create_topics
-from worker.localbroker import CACHE, BrokerError, LocalBroker
-from worker.localservice import free_ports
+from worker.tools.localbroker import CACHE, BrokerError, LocalBroker
+from worker.tools.localservice import free_ports
 
 pytestmark = pytest.mark.kafka
 ROOT = Path(__file__).resolve().parent.parent
@@ -219,7 +219,7 @@ def test_cluster_id_never_starts_with_a_dash(monkeypatch):
     """kafka-storage reads a cluster id starting with "-" as an option; such ids (1 in 64) are drawn again."""
     import uuid
 
-    from worker import localbroker
+    from worker.tools import localbroker
 
     dashed, plain = uuid.UUID(bytes=b"\xf8" + bytes(15)), uuid.UUID(bytes=bytes(16))
     draws = iter([dashed, dashed, plain])

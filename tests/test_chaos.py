@@ -7,13 +7,11 @@ from collections import Counter
 import pytest
 
 from tests.fakes import SlowScorer
-from tests.kafkatools import (
-    WorkerThread, committed_offsets, end_offsets, produce_transactions, read_topic, wait_until,
-)
-from worker import traffic
-from worker.chaos import Plan, run
-from worker.codec import Codec
-from worker.model import OnnxScorer
+from tests.kafkatools import WorkerThread, committed_offsets, end_offsets, produce_transactions, read_topic, wait_until
+from worker.avro.codec import Codec
+from worker.model.scorer import OnnxScorer
+from worker.tools import traffic
+from worker.tools.chaos import Plan, run
 
 pytestmark = pytest.mark.kafka
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.fakes import CODEC, make_txn
 from tests.test_codec_fastpath import encode_padded, fastavro_exact, varint
-from worker.codec import Codec, DecodeError, ValidationError, validate, validation_errors
+from worker.avro.codec import Codec, DecodeError, ValidationError, validate, validation_errors
 from worker.records import Decision, Transaction, Verdict
 
 MIN_EVENT_MS, MAX_EVENT_MS = 946_684_800_000, 4_102_444_800_000  # 2000-01-01 and 2100-01-01 UTC

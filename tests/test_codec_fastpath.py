@@ -12,7 +12,7 @@ from fastavro import _read, _read_py
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.codec import Codec, decision_of, validation_errors
+from worker.avro.codec import Codec, decision_of, validation_errors
 from worker.records import Transaction, Verdict
 
 CODEC = Codec()

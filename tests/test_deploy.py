@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from worker.kafka import consumer_config, group_config, transactional_id
-from worker.localbroker import KAFKA_VERSION
 from worker.settings import Settings, load_settings
+from worker.tools.localbroker import KAFKA_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -243,7 +243,7 @@ def test_image_layout_finds_schemas_and_model_when_run_from_app(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUD_")}
     env.update(PYTHONPATH=str(app), PYTHONDONTWRITEBYTECODE="1")
     probe = (
-        "import json, pathlib, worker, worker.codec as c, worker.settings as s;"
+        "import json, pathlib, worker, worker.avro.codec as c, worker.settings as s;"
         "c.load_schema('transaction'); c.load_schema('verdict');"
         "print(json.dumps({'worker': str(pathlib.Path(worker.__file__).parent), 'schemas': str(c.SCHEMA_DIR),"
         " 'manifest': str(s.Settings(_env_file=None).model_manifest)}))"

@@ -13,11 +13,11 @@ import pytest
 from confluent_kafka import Producer
 
 from tests.kafkatools import WorkerThread, end_offsets, read_topic
-from worker import traffic
+from worker.avro.codec import Codec
 from worker.cli import main
-from worker.codec import Codec
 from worker.kafka import create_topics, describe_topics
 from worker.settings import Settings
+from worker.tools import traffic
 
 pytestmark = pytest.mark.kafka
 CODEC = Codec()

@@ -17,9 +17,10 @@ from tests.fakes import SlowScorer
 from tests.kafkatools import (
     WorkerProcess, WorkerThread, committed_offsets, end_offsets, produce_transactions, read_topic, wait_until,
 )
-from worker import kafka, traffic
-from worker.codec import Codec
-from worker.model import OnnxScorer
+from worker import kafka
+from worker.avro.codec import Codec
+from worker.model.scorer import OnnxScorer
+from worker.tools import traffic
 
 pytestmark = pytest.mark.kafka
 CODEC = Codec()

@@ -11,7 +11,7 @@ from datetime import datetime
 import pytest
 
 from tests.kafkatools import WorkerProcess, committed_offsets, end_offsets, produce_transactions, wait_until
-from worker import traffic
+from worker.tools import traffic
 
 pytestmark = pytest.mark.kafka
 SESSION_S = 10.0  # the worker's classic session.timeout.ms, and the local broker's group.consumer.session.timeout.ms

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from tests.fakes import CODEC, make_txn
 from tests.test_codec_fastpath import encode_padded, extras, fastavro_exact
-from worker.codec import DecodeError, ValidationError, validate, validation_errors
+from worker.avro.codec import DecodeError, ValidationError, validate, validation_errors
 from worker.records import Transaction
 
 MAX_SECONDS = 1.0  # sanity bounds per case, far above the microseconds a decode takes

@@ -12,13 +12,13 @@ import pytest
 
 from tests.fakes import CODEC, FakeScorer, make_manifest, txn_message
 from tests.kafkatools import WorkerThread, produce_transactions, read_topic, wait_until
-from worker import traffic
 from worker.cli import main
 from worker.kafka import create_topics
-from worker.lifecycle import LoadedModel, Models
 from worker.metrics import Metrics
+from worker.model.lifecycle import LoadedModel, Models
 from worker.scoring import score_batch
 from worker.settings import Settings
+from worker.tools import traffic
 
 ROOT = Path(__file__).resolve().parent.parent
 GBT = ROOT / "models" / "fraud-gbt.json"
@@ -164,7 +164,7 @@ def test_promote_makes_the_challenger_the_live_manifest(tmp_path, monkeypatch, c
     monkeypatch.setenv("FRAUD_CHALLENGER_MANIFEST", str(MLP))
     assert main(["promote"]) == 0
     assert json.loads(capsys.readouterr().out)["promoted"]["model"] == "fraud-mlp"
-    from worker.lifecycle import load_model
+    from worker.model.lifecycle import load_model
     assert load_model(Settings(model_manifest=live)).scorer.manifest.version == "c2ced1f"
     assert Counter(p.name for p in live.parent.iterdir()) == Counter(["manifest.json"])
 
@@ -172,7 +172,7 @@ def test_promote_makes_the_challenger_the_live_manifest(tmp_path, monkeypatch, c
 def test_swap_keeps_the_verdict_wire_format_header():
     """A swapped-in model writes verdicts with the Schema Registry header the running worker registered."""
     from worker.app import Worker
-    from worker.lifecycle import load_model
+    from worker.model.lifecycle import load_model
 
     s = Settings(model_manifest=GBT)
     w = Worker(s, load_model(s).scorer)

@@ -14,8 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tests.fakes import make_txn
 from tests.models import linear_model, zipmap_model
-from worker.manifest import ManifestError
-from worker.model import OnnxScorer
+from worker.model.manifest import ManifestError
+from worker.model.scorer import OnnxScorer
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference-model"
@@ -238,7 +238,7 @@ def test_skl2onnx_default_export_is_refused_with_the_hint_that_works(tmp_path):
 
 def test_test_vector_mismatch_names_the_row_and_both_values(tmp_path):
     """A test vector the model does not reproduce is refused, naming the row, its inputs, and both probabilities."""
-    from worker.lifecycle import load_model
+    from worker.model.lifecycle import load_model
     from worker.settings import Settings
 
     vectors = json.loads(GBT_MANIFEST.read_text())["test_vectors"]
@@ -257,7 +257,7 @@ def test_test_vector_mismatch_names_the_row_and_both_values(tmp_path):
 ], ids=["unknown-field", "null-in-a-required-field", "nan-feature", "probability-out-of-range"])
 def test_unusable_test_vector_is_one_line(tmp_path, vector, needle):
     """A test vector naming no field, holding a value its field cannot take, or a non-probability is one line."""
-    from worker.lifecycle import load_model
+    from worker.model.lifecycle import load_model
     from worker.settings import Settings
 
     with pytest.raises(ManifestError) as info:

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from tests.kafkatools import WorkerProcess, end_offsets, produce_raw, produce_transactions, read_topic, wait_until
-from worker import traffic
 from worker.kafka import create_topics
-from worker.localbroker import BrokerError, LocalBroker
-from worker.localservice import free_ports
+from worker.tools import traffic
+from worker.tools.localbroker import BrokerError, LocalBroker
+from worker.tools.localservice import free_ports
 
 pytestmark = pytest.mark.kafka
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,9 +12,9 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from tests.kafkatools import WorkerThread, committed_offsets, end_offsets, read_topic
-from worker import traffic
-from worker.codec import Codec
+from worker.avro.codec import Codec
 from worker.records import Transaction
+from worker.tools import traffic
 
 pytestmark = pytest.mark.kafka
 CODEC = Codec()

@@ -10,8 +10,8 @@ import fastavro
 import numpy as np
 
 from tests.test_bank_example import synth, train
-from worker.manifest import Manifest
-from worker.recordcodec import RecordCodec
+from worker.avro.recordcodec import RecordCodec
+from worker.model.manifest import Manifest
 
 BANK = Path(__file__).resolve().parent.parent / "examples" / "bank"
 SCHEMA = json.loads((BANK / "card_payment.avsc").read_text())

@@ -15,8 +15,8 @@ import pytest
 from confluent_kafka.schema_registry import Schema
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
-from worker.localservice import free_ports
-from worker.localregistry import LocalRegistry, RegistryError, answers
+from worker.tools.localregistry import LocalRegistry, RegistryError, answers
+from worker.tools.localservice import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 _V1 = {"type": "record", "name": "Transaction", "namespace": "fraud",

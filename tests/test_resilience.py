@@ -8,15 +8,13 @@ import time
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from tests.kafkatools import (
-    WorkerProcess, committed_offsets, end_offsets, produce_transactions, read_topic, wait_until,
-)
+from tests.kafkatools import WorkerProcess, committed_offsets, end_offsets, produce_transactions, read_topic, wait_until
 from tests.test_operations import _get
-from worker import traffic
-from worker.codec import Codec
+from worker.avro.codec import Codec
 from worker.kafka import create_topics
-from worker.localbroker import BrokerError, LocalBroker
-from worker.localservice import free_ports
+from worker.tools import traffic
+from worker.tools.localbroker import BrokerError, LocalBroker
+from worker.tools.localservice import free_ports
 
 pytestmark = pytest.mark.kafka
 CODEC = Codec()

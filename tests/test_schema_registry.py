@@ -14,13 +14,13 @@ from confluent_kafka import Producer
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 
 from tests.kafkatools import WorkerThread, committed_offsets, end_offsets, read_topic, wait_until
-from worker import traffic
-from worker.codec import Codec
-from worker.localservice import free_ports
-from worker.localregistry import LocalRegistry, RegistryError
-from worker.model import OnnxScorer
+from worker.avro.codec import Codec
+from worker.avro.registry import frame
+from worker.model.scorer import OnnxScorer
 from worker.records import Transaction
-from worker.registry import frame
+from worker.tools import traffic
+from worker.tools.localregistry import LocalRegistry, RegistryError
+from worker.tools.localservice import free_ports
 
 pytestmark = pytest.mark.kafka
 ROOT = Path(__file__).resolve().parent.parent

@@ -218,3 +218,29 @@ def test_metrics_port_in_use_stops_before_the_transactional_id_is_registered(set
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert "metrics server cannot bind" in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert "transactions_initialised" not in done.stdout
+
+
+_SIGNAL_WHILE_LOGGING = """
+import os, signal, sys
+import structlog._output
+from worker import app, cli
+
+def run(self):
+    with structlog._output._get_lock_for_file(sys.stdout):  # the main thread is writing a log line
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(1000))  # the handler runs here, between bytecodes
+    return 0 if self.stop.is_set() else 3
+
+app.Worker.start = lambda self, **kwargs: None
+app.Worker.run = run
+sys.exit(cli.main(["run"]))
+"""
+
+
+def test_a_stop_signal_while_a_log_line_is_written_stops_the_worker():
+    """SIGTERM arriving while the loop holds the log's write lock sets the stop event; a handler that logged would
+    deadlock on that lock (seen as a replica ignoring SIGTERM mid-stream)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FRAUD_")}
+    done = subprocess.run([sys.executable, "-c", _SIGNAL_WHILE_LOGGING], cwd=ROOT, env={**clean, "FRAUD_METRICS_PORT": "0"},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]

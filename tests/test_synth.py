@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 from sklearn.metrics import roc_auc_score
 
-from worker.synth import generate
+from worker.tools.synth import generate
 
 MANIFEST = Path(__file__).resolve().parent.parent / "models" / "fraud-gbt.json"
 FLOATS = ["distance_from_home", "distance_from_last_transaction", "ratio_to_median_purchase_price"]

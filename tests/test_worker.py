@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import threading
 import json
 import math
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -15,11 +15,11 @@ from tests.kafkatools import (
     WorkerProcess, WorkerThread, committed_offsets, end_offsets, produce_raw, produce_transactions, read_topic,
     wait_until,
 )
-from worker import traffic
-from worker.chaos import other_schema_record
-from worker.codec import Codec
-from worker.model import OnnxScorer
+from worker.avro.codec import Codec
+from worker.model.scorer import OnnxScorer
 from worker.records import Transaction
+from worker.tools import traffic
+from worker.tools.chaos import other_schema_record
 
 pytestmark = pytest.mark.kafka
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,18 +10,18 @@ from functools import partial
 
 from confluent_kafka import KafkaError, KafkaException
 
-from .codec import Codec
-from .recordcodec import RecordCodec, input_codec
-from .lifecycle import LoadedModel, Models
+from .avro.codec import Codec
+from .avro.recordcodec import RecordCodec, input_codec
+from .avro.registry import FramedInput, RegistryUnavailable, connect, frame, register
 from .kafka import (
-    RECORD_ERRORS, Aborting, ConfigError, Interrupted, KafkaFatal, KafkaIO, Refused, TopicWatch, client_config,
-    describe_topics, transactional_id,
+    RECORD_ERRORS, Aborting, ConfigError, Interrupted, KafkaFatal, KafkaIO, Refused, ShadowOutput, TopicWatch,
+    client_config, describe_topics, transactional_id,
 )
 from .logs import FirstSeen, get_logger
 from .metrics import Health, Metrics
+from .model.lifecycle import LoadedModel, Models
 from .offsets import OffsetTracker, Slice
 from .offsets import TopicPartition as TP
-from .registry import FramedInput, RegistryUnavailable, connect, frame, register
 from .records import BatchOutcome, DeadLetter, Message, Stage, adjusted_dead_letter, dead_letter_headers
 from .scoring import Scorer, score_batch
 from .settings import Settings
@@ -273,7 +273,7 @@ class Worker:
         self.kafka.subscribe()
         watch = TopicWatch(client_config(s), s.input_topic).start()
         seen = watch.generation
-        self.models.start()
+        self.models.start(partial(ShadowOutput, s, s.shadow_topic) if s.shadow_topic else None)
         log.info("worker_started", input=s.input_topic, model=self.scorer.manifest.name,
                  model_version=self.scorer.manifest.version, batch_max_size=s.batch_max_size)
         last_commit, last_lag = time.monotonic(), 0.0
@@ -319,6 +319,8 @@ class Worker:
         except Exception as exc:  # a bug must still stop cleanly: drain, commit only what is acknowledged
             log.exception("unexpected_error")
             self._fail(f"unexpected {type(exc).__name__}: {exc}")
+        if self.stop.is_set() and self.fatal is None:
+            log.info("stop_requested")
         watch.close()
         return self._shutdown()
 

@@ -109,9 +109,9 @@ class StartupFailure(RuntimeError):
 
 def _run(args) -> int:
     from .app import StartupError, Worker
-    from .lifecycle import load_model
-    from .manifest import ManifestError
     from .metrics import serve
+    from .model.lifecycle import load_model
+    from .model.manifest import ManifestError
 
     settings = load_settings()
     logs.configure(settings.log_level)
@@ -119,8 +119,8 @@ def _run(args) -> int:
     log = logs.get_logger("worker")
     stop = threading.Event()
 
-    def on_signal(signum, _frame):
-        log.info("stop_requested", signal=signal.Signals(signum).name)
+    def on_signal(_signum, _frame):
+        # Only set the event: logging here could deadlock on the log's write lock, held by the interrupted line.
         stop.set()
 
     # Installed first, so a stop during a slow start-up is still a clean exit 0.
@@ -148,8 +148,8 @@ def _check(args) -> int:
     """The real start-up path (settings, model, clients, broker, authentication, topics), then exit; 0 when all pass."""
     from .app import StartupError, Worker
     from .kafka import transactional_id
-    from .lifecycle import load_model
-    from .manifest import ManifestError
+    from .model.lifecycle import load_model
+    from .model.manifest import ManifestError
 
     settings = load_settings()
     logs.configure("ERROR")
@@ -177,8 +177,8 @@ def _check(args) -> int:
 
 def _load_challenger(settings):
     """The challenger with every check (None when none is set); a ManifestError names it as the challenger."""
-    from .lifecycle import load_model
-    from .manifest import ManifestError
+    from .model.lifecycle import load_model
+    from .model.manifest import ManifestError
 
     if not settings.challenger_manifest:
         return None
@@ -193,8 +193,8 @@ def _promote(args) -> int:
     import os
     from pathlib import Path
 
-    from .lifecycle import manifest_digest
-    from .manifest import ManifestError
+    from .model.lifecycle import manifest_digest
+    from .model.manifest import ManifestError
 
     settings = load_settings()
     logs.configure("ERROR")
@@ -247,8 +247,8 @@ def _topics(args) -> int:
 
 
 def _produce(args) -> int:
-    from . import traffic
     from .kafka import client_config, plain_producer
+    from .tools import traffic
 
     s = load_settings()
     if args.csv:
@@ -263,8 +263,8 @@ def _produce(args) -> int:
 
 
 def _input_prefix(s) -> bytes:
-    from .codec import Codec
-    from .registry import RegistryUnavailable, input_prefix
+    from .avro.codec import Codec
+    from .avro.registry import RegistryUnavailable, input_prefix
 
     try:
         schema = json.loads(s.input_schema.read_text()) if s.input_schema else Codec().transaction_avsc
@@ -274,9 +274,9 @@ def _input_prefix(s) -> bytes:
 
 
 def _verdicts(args) -> int:
-    from .codec import Codec
-    from .dlq import ERRORS
+    from .avro.codec import Codec
     from .kafka import client_config, iter_topic
+    from .tools.dlq import ERRORS
 
     s = load_settings()
     topic, codec, n = args.topic or s.verdict_topic, Codec(), 0
@@ -300,7 +300,7 @@ def _verdicts(args) -> int:
 
 
 def _dlq(args) -> int:
-    from . import dlq
+    from .tools import dlq
 
     s = load_settings()
     try:
@@ -325,19 +325,19 @@ def _dlq(args) -> int:
 
 
 def _broker(args) -> int:
-    from .localbroker import LocalBroker, broker_home
+    from .tools.localbroker import LocalBroker, broker_home
 
     return LocalBroker(port=args.port, home=broker_home(args.port)).cli(args.action, StartupFailure)
 
 
 def _registry(args) -> int:
-    from .localregistry import LocalRegistry, registry_home
+    from .tools.localregistry import LocalRegistry, registry_home
 
     return LocalRegistry(port=args.port, home=registry_home(args.port)).cli(args.action, StartupFailure)
 
 
 def _demo(args) -> int:
-    from .demo import run_demo
+    from .tools.demo import run_demo
 
     return run_demo(args.count, args.rate)
 
@@ -345,7 +345,7 @@ def _demo(args) -> int:
 def _chaos(args) -> int:
     from pathlib import Path
 
-    from .chaos import Plan, run
+    from .tools.chaos import Plan, run
 
     plan = Plan(transactions=args.transactions, rate=args.rate, replicas=args.replicas, kills=args.kills,
                 kill_interval_s=args.kill_interval, terms=args.terms, broker_restarts=args.broker_restarts,

@@ -7,9 +7,9 @@ from typing import Protocol
 
 import numpy as np
 
-from .codec import Codec, decision_codes, decision_of
-from .manifest import Manifest
-from .recordcodec import RecordCodec
+from .avro.codec import Codec, decision_codes, decision_of
+from .avro.recordcodec import RecordCodec
+from .model.manifest import Manifest
 from .records import BatchOutcome, DeadLetter, Decision, Message, Stage, Transaction, Verdict
 
 

@@ -234,7 +234,10 @@ class Settings(BaseSettings):
         """confluent-kafka SchemaRegistryClient settings, secrets included (never log them); None without a registry."""
         if not self.schema_registry_url:
             return None
-        conf = {"url": self.schema_registry_url, "timeout": 5}
+        # One 5 s attempt per call: the worker retries with its own backoff while it holds the batch. The client's
+        # own retries (confluent-kafka 2.16: 3, with backoff, on timeouts too) would block the loop for about 27 s,
+        # past an exactly-once transaction's timeout.
+        conf = {"url": self.schema_registry_url, "timeout": 5, "max.retries": 0}
         if self.schema_registry_username:
             password = self.schema_registry_password.get_secret_value() if self.schema_registry_password else ""
             conf["basic.auth.user.info"] = f"{self.schema_registry_username}:{password}"

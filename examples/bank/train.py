@@ -23,7 +23,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))  # the worker's package, also when run as a plain script
-from worker.vectors import write_test_vectors  # noqa: E402
+from worker.model.vectors import write_test_vectors  # noqa: E402
 
 
 def _load(name: str, path: Path):

@@ -5,22 +5,24 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from .codec import Codec, decision_codes
-from .kafka import ShadowOutput
-from .logs import FirstSeen, get_logger
+from ..avro.codec import Codec, decision_codes
+from ..avro.recordcodec import RecordCodec, input_codec, load_input_schema
+from ..logs import FirstSeen, get_logger
+from ..records import BatchOutcome
+from ..settings import Settings
 from .manifest import ManifestError
-from .metrics import Metrics
-from .model import OnnxScorer
-from .recordcodec import RecordCodec, input_codec, load_input_schema
-from .records import BatchOutcome
-from .settings import Settings
+from .scorer import OnnxScorer
 from .vectors import check_test_vectors
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
 
 log = get_logger("lifecycle")
 
@@ -55,6 +57,13 @@ def manifest_digest(path: Path) -> str:
         return ""
 
 
+class Output(Protocol):
+    """Where a challenger's verdicts go."""
+
+    def send(self, keys: list[bytes | None], values: list[bytes]) -> None: ...
+    def close(self, timeout: float) -> None: ...
+
+
 class Models:
     """The live model and an optional challenger, each reloaded off the loop when its manifest file changes.
 
@@ -69,18 +78,21 @@ class Models:
         self.challenger: LoadedModel | None = None
         self._ready: LoadedModel | None = None
         self._seen = {LIVE: manifest_digest(settings.model_manifest), CHALLENGER: ""}
-        self._output: ShadowOutput | None = None
+        self._output: Output | None = None
         self._thread: threading.Thread | None = None
         self._errors = FirstSeen(_QUIET_S)
         self._compared = self._agreed = 0
 
-    def start(self) -> None:
-        """Load the challenger (a failure is logged, counted and retried when its file changes); start the watch."""
+    def start(self, output: Callable[[Callable[[str], None]], Output] | None = None) -> None:
+        """Load the challenger (a failure is logged, counted and retried when its file changes); start the watch.
+
+        `output(failed)` opens where the challenger's verdicts go (kafka.ShadowOutput); None: metrics only.
+        """
         s = self.settings
         if s.challenger_manifest:
             self._load(CHALLENGER, s.challenger_manifest)
-            if s.shadow_topic:
-                self._output = ShadowOutput(s, s.shadow_topic, partial(self._failed, "shadow"))
+            if output is not None:
+                self._output = output(lambda error: self._failed("shadow", error))
         if s.model_watch_s > 0:
             self._thread = threading.Thread(target=self._watch, name="model-watch", daemon=True)
             self._thread.start()

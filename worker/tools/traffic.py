@@ -7,10 +7,10 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from ..avro.codec import Codec
+from ..kafka import send
+from ..records import Transaction
 from . import synth
-from .codec import Codec
-from .kafka import send
-from .records import Transaction
 
 _BOOLS = ("repeat_retailer", "used_chip", "used_pin_number", "online_order")
 _FLOATS = ("distance_from_home", "distance_from_last_transaction", "ratio_to_median_purchase_price")

@@ -14,9 +14,9 @@ from pathlib import Path
 import fastavro
 import numpy as np
 
-from .records import Decision, Transaction, Verdict
+from ..records import Decision, Transaction, Verdict
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 # Event times outside 2000-01-01 .. 2100-01-01 are data errors, not payments.
 _MIN_EVENT_MS, _MAX_EVENT_MS = 946_684_800_000, 4_102_444_800_000
 _MAX_ID_BYTES = 128
@@ -140,7 +140,7 @@ class Codec:
         for name, schema, layout in (("transaction", self.transaction_schema, TRANSACTION_LAYOUT),
                                      ("verdict", self.verdict_schema, VERDICT_LAYOUT)):
             if _layout(schema) != layout:
-                raise ValueError(f"schemas/{name}.avsc no longer matches the layout worker/codec.py is written for")
+                raise ValueError(f"schemas/{name}.avsc no longer matches the layout worker/avro/codec.py is written for")
         self.max_message_bytes = max_message_bytes
         self.verdict_prefix = b""
         # The schemas as written (logical types included), for a Schema Registry.

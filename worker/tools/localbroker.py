@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .kafka import answers
+from ..kafka import answers
 from .localservice import CACHE, LocalProcess, local_home, require
 
 KAFKA_VERSION = os.environ.get("FRAUD_KAFKA_VERSION", "4.4.0")

@@ -10,11 +10,11 @@ from pathlib import Path
 import fastavro
 from fastavro.validation import validate
 
-from .codec import Codec
+from ..avro.codec import Codec
+from ..avro.recordcodec import RecordCodec
+from ..records import Envelope
+from ..scoring import Scorer, score_batch
 from .manifest import ManifestError, TestVector
-from .recordcodec import RecordCodec
-from .records import Envelope
-from .scoring import Scorer, score_batch
 
 _VECTOR_TOPIC = "test-vectors"
 NEUTRAL_TIME_MS = 1_704_067_200_000  # 2024-01-01T00:00:00Z: the event time of a vector that does not give one

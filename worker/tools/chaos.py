@@ -17,17 +17,17 @@ from pathlib import Path
 import fastavro
 from confluent_kafka import KafkaException
 
-from . import traffic
-from .codec import Codec, DecodeError
-from .kafka import (
+from ..avro.codec import Codec, DecodeError
+from ..kafka import (
     Record, committed_offsets, create_topics, end_offsets, iter_topic, plain_producer, read_topic, send,
     set_topic_writable,
 )
+from ..records import Transaction
+from ..settings import Settings
+from . import traffic
 from .localbroker import LocalBroker, broker_home
 from .localservice import free_ports
-from .records import Transaction
 from .replica import Replica
-from .settings import Settings
 
 CODEC = Codec()
 # The harness's classic session.timeout.ms (short, for quick fail-over); the consumer protocol (KIP-848) takes it

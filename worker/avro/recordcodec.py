@@ -1,8 +1,8 @@
 """Any input schema: records decoded as a batch, the manifest's paths and transforms make the features.
 
-The batch codec (worker/codec.py) is compiled for schemas/transaction.avsc; this one reads any Avro record schema
+The batch codec (worker/avro/codec.py) is compiled for schemas/transaction.avsc; this one reads any Avro record schema
 (nested records, nullable unions, enums, fixed, decimals, timestamps) with the schema-compiled BatchDecoder
-(worker/avrobatch.py), or record by record with fastavro where that does not compile (arrays, maps), and writes
+(worker/avro/avrobatch.py), or record by record with fastavro where that does not compile (arrays, maps), and writes
 verdicts with fastavro. Timestamps are epoch milliseconds UTC once read.
 """
 
@@ -18,14 +18,13 @@ from pathlib import Path
 
 import fastavro
 import numpy as np
-
 from fastavro.schema import to_parsing_canonical_form
 
+from ..model.manifest import Manifest, ManifestError
+from .avrobatch import BatchDecoder, Unsupported
 from .codec import (
     SCHEMA_DIR, Codec, DecodeError, ValidationError, load_schema, logical_types, read_verdict, without_logical_types,
 )
-from .avrobatch import BatchDecoder, Unsupported
-from .manifest import Manifest, ManifestError
 
 _MAX_ID_BYTES = 128
 _ABSENT = object()

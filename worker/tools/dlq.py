@@ -19,8 +19,8 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import NewTopic, OffsetSpec
 
-from .kafka import QUIET_LOG, KafkaFatal, admin, client_config, describe_topics, send
-from .settings import Settings
+from ..kafka import QUIET_LOG, KafkaFatal, admin, client_config, describe_topics, send
+from ..settings import Settings
 
 ERRORS = "fraud.errors."
 REPLAY = "fraud.replay."
@@ -367,9 +367,9 @@ class Describer:
     """Dead letters as JSON-ready dicts, values decoded with the worker's input codec where they decode."""
 
     def __init__(self, settings: Settings):
-        from .codec import Codec
-        from .manifest import Manifest, ManifestError
-        from .recordcodec import input_codec, load_input_schema
+        from ..avro.codec import Codec
+        from ..avro.recordcodec import input_codec, load_input_schema
+        from ..model.manifest import Manifest, ManifestError
 
         try:
             manifest = Manifest.load(settings.model_manifest, load_input_schema(settings.input_schema))

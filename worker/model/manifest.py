@@ -6,13 +6,12 @@ import hashlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
-import numpy as np
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .records import Transaction
+from ..records import Transaction
 
 TRANSACTION_FIELDS = {name: tp for name, tp in Transaction.__annotations__.items()}
 _NUMERIC = {"float", "bool", "int"}

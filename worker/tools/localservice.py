@@ -19,7 +19,7 @@ from typing import ClassVar
 
 CACHE = Path(os.environ.get("FRAUD_CACHE_DIR", Path.home() / ".cache" / "fraud-worker")).resolve()
 JAVA_HINT = "install a Java 17+ runtime (e.g. apt-get install openjdk-17-jre-headless)"
-_PACKAGE_PARENT = Path(__file__).resolve().parent.parent
+_PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 
 
 def checkout_dir() -> Path:

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..avro.codec import Codec
+from ..avro.registry import input_prefix
+from ..kafka import client_config, create_topics, end_offsets, iter_topic, plain_producer
+from ..settings import Settings, load_settings
 from . import traffic
-from .codec import Codec
-from .kafka import client_config, create_topics, end_offsets, iter_topic, plain_producer
-from .registry import input_prefix
 from .replica import Replica
-from .settings import Settings, load_settings
 
 
 def read_verdicts(settings: Settings, idle_s: float = 5.0) -> Iterator[tuple[dict, float]]:

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .settings import ROOT, Settings
+from ..settings import ROOT, Settings
 
 
 class Replica:

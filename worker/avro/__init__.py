@@ -1,0 +1,1 @@
+"""Avro: the schema-compiled batch codecs, schema resolution and the Schema Registry wire format."""

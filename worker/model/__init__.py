@@ -1,0 +1,1 @@
+"""The model: manifest, ONNX scorer, test vectors, and the live/challenger lifecycle."""
