@@ -178,3 +178,20 @@ def test_commit_never_passes_an_unacknowledged_offset(case):
     for tp, _, last in slices:
         ends[tp] = max(ends.get(tp, 0), last + 1)
     assert committed == ends and t.in_flight() == 0
+
+
+def test_commit_result_names_the_partitions_that_failed():
+    """A commit with no overall error but one partition refused (its coordinator still loading) reports that
+    partition's error and only its position, so the worker offers just that position again."""
+    from confluent_kafka import KafkaError
+
+    from worker.kafka import _commit_result
+
+    class Part:
+        def __init__(self, partition, offset, error=None):
+            self.topic, self.partition, self.offset, self.error = "tx", partition, offset, error
+
+    loading = KafkaError(KafkaError.COORDINATOR_LOAD_IN_PROGRESS)
+    err, positions = _commit_result(None, [Part(0, 10), Part(1, 20, loading), Part(2, 30)])
+    assert err is loading and positions == {("tx", 1): 20}
+    assert _commit_result(None, [Part(0, 10), Part(1, 20)]) == (None, {("tx", 0): 10, ("tx", 1): 20})

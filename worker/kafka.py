@@ -295,7 +295,7 @@ class KafkaIO:
                 {
                     **consumer_config(settings),
                     **common,
-                    "on_commit": lambda err, parts: on_commit(err, {(p.topic, p.partition): p.offset for p in parts}),
+                    "on_commit": lambda err, parts: on_commit(*_commit_result(err, parts)),
                 }
             )
 
@@ -694,9 +694,15 @@ def committed_offsets(conf: dict, group: str, topic: str) -> dict[int, int]:
         parts = [TopicPartition(topic, p) for p in end_offsets(conf, topic)]
         while True:
             try:
-                return {tp.partition: tp.offset for tp in consumer.committed(parts, timeout=10)}
+                found = consumer.committed(parts, timeout=10)
+                # A partition's own error (its coordinator still loading, say) comes with offset -1001: not "none".
+                failed = next((tp.error for tp in found if tp.error is not None), None)
+                if failed is not None:
+                    raise KafkaException(failed)
+                return {tp.partition: tp.offset for tp in found}
             except KafkaException as exc:  # a broker that just started is still loading its coordinators
-                if exc.args[0].code() not in _COORDINATOR_MOVING or time.monotonic() > deadline:
+                err = exc.args[0]
+                if not (err.code() in _COORDINATOR_MOVING or err.retriable()) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
     finally:
@@ -730,6 +736,18 @@ def wait_for_broker(conf: dict, timeout: float) -> None:
         except KafkaException as exc:
             last = exc.args[0].str()
     raise KafkaFatal(f"Kafka at {conf.get('bootstrap.servers')} did not answer within {timeout:.0f}s: {last}")
+
+
+def _commit_result(err: KafkaError | None, parts: list[TopicPartition]) -> tuple[KafkaError | None, dict[TP, int]]:
+    """A commit's error and the positions it concerns: those of the partitions that failed, when only some did.
+
+    librdkafka reports a partition's own failure (a coordinator still loading, say) in its TopicPartition.error,
+    possibly with no error for the commit as a whole.
+    """
+    failed = [p for p in parts if p.error is not None]
+    if err is None and failed:
+        err = failed[0].error
+    return err, {(p.topic, p.partition): p.offset for p in (failed or parts)}
 
 
 class ShadowOutput:
