@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from tests.kafkatools import (
     WorkerProcess, WorkerThread, committed_offsets, end_offsets, produce_raw, produce_transactions, read_topic,
     wait_until,
 )
+from worker import kafka
 from worker.avro.codec import Codec
 from worker.model.scorer import OnnxScorer
 from worker.records import Transaction
@@ -176,3 +178,29 @@ def test_sigkill_and_restart_gives_every_transaction_a_verdict(delivery, setting
         assert duplicates == 0
         assert "transactions_initialised" in second.log()
     _assert_all_committed(s)
+
+
+def test_latency_budget_cuts_the_linger_for_an_old_record(settings_for):
+    """With a 10 s linger to fill batches, a record already 5 s old is scored at once under a 1 s latency budget
+    (without the budget it would wait out the linger, past this test's 8 s read)."""
+    s = settings_for(partitions=1, batch_max_wait_ms=10_000, latency_budget_ms=1_000)
+    with WorkerThread(s) as w:
+        wait_until(lambda: w.worker.health.in_group, 60, "the worker to join its group")
+        producer = kafka.plain_producer({"bootstrap.servers": s.bootstrap_servers})
+        txn = next(traffic.generated(1, prefix="old"))
+        producer.produce(s.input_topic, Codec().encode_transaction(traffic.stamp(txn, int(time.time() * 1000))),
+                         txn.card_id.encode(), timestamp=int(time.time() * 1000) - 5_000)
+        assert producer.flush(10) == 0
+        assert len(read_topic(s, s.verdict_topic, 1, timeout=8)) == 1
+
+
+def test_linger_is_cut_by_the_first_record_age_and_the_batch_cost():
+    """The wait for more records is the linger, less what the budget has left after the record's age and the batch's
+    own time; never negative; the whole linger without a budget."""
+    from worker.kafka import linger_s
+
+    assert linger_s(0.005, 0.0, 10.0, 0.0) == 0.005
+    assert linger_s(0.5, 1.0, 0.2, 0.1) == 0.5
+    assert linger_s(0.5, 1.0, 0.6, 0.1) == pytest.approx(0.3)
+    assert linger_s(0.5, 1.0, 5.0, 0.1) == 0.0
+    assert linger_s(0.5, 1.0, -3.0, 0.0) == 0.5  # a timestamp from the future counts as age 0

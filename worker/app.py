@@ -269,6 +269,7 @@ class Worker:
             self.kafka.close()
             return 0
         self._batch_limit = s.batch_max_size
+        self._last_batch_s = 0.0
         budget = self.kafka.batch_budget_s()
         self.kafka.subscribe()
         watch = TopicWatch(client_config(s), s.input_topic).start()
@@ -288,7 +289,8 @@ class Worker:
                 block = _POLL_BLOCK_S
                 if self.kafka.in_transaction:  # its verdicts are invisible until it commits: do not sleep past that
                     block = min(block, max(0.0, last_commit + commit_every - time.monotonic()))
-                msgs = self.kafka.poll_batch(self._batch_limit, s.batch_max_wait_ms / 1000.0, block)
+                msgs = self.kafka.poll_batch(self._batch_limit, s.batch_max_wait_ms / 1000.0, block,
+                                             s.latency_budget_ms / 1000.0, self._last_batch_s)
                 if revocations != self._revocations:
                     # consume() can return messages fetched before a revoke it ran; their new owner scores them.
                     msgs = [m for m in msgs if (m.topic(), m.partition()) in self._assigned]
@@ -296,7 +298,8 @@ class Worker:
                 if swapped is not None:
                     self._swap(swapped)
                 if msgs:
-                    self._adapt_batch_limit(self._process(msgs), budget)
+                    self._last_batch_s = self._process(msgs)
+                    self._adapt_batch_limit(self._last_batch_s, budget)
                 self.kafka.serve_deliveries(0)
                 self._produce_redo()
                 if not self.health.broker_reachable and watch.answered_at > self._down_since:

@@ -12,7 +12,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicCollection, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, Producer, TopicCollection,
+    TopicPartition,
+)
 from confluent_kafka.admin import (
     AclBinding, AclBindingFilter, AclOperation, AclPermissionType, AdminClient, NewTopic, ResourcePatternType,
     ResourceType,
@@ -308,13 +311,16 @@ class KafkaIO:
             on_lost=lambda c, parts: self._on_revoke({(p.topic, p.partition) for p in parts}, True),
         )
 
-    def poll_batch(self, max_size: int, max_wait_s: float, block_s: float) -> list[Message]:
-        """Whatever is already fetched (up to max_size); else block for one and linger max_wait_s for more."""
+    def poll_batch(self, max_size: int, max_wait_s: float, block_s: float, budget_s: float = 0.0,
+                   cost_s: float = 0.0) -> list[Message]:
+        """Whatever is already fetched (up to max_size); else block for one and linger for more: max_wait_s, cut so
+        that the first record's age plus `cost_s` (the batch's own time) stays within `budget_s` (0: no budget)."""
         msgs = self.consumer.consume(max_size, 0)
         if not msgs:
             msgs = self.consumer.consume(1, block_s)
             if msgs and max_size > 1:
-                msgs += self.consumer.consume(max_size - 1, max_wait_s)
+                wait = linger_s(max_wait_s, budget_s, _age_s(msgs[0]), cost_s)
+                msgs += self.consumer.consume(max_size - 1, wait)
         good = []
         for m in msgs:
             err = m.error()
@@ -736,6 +742,20 @@ def wait_for_broker(conf: dict, timeout: float) -> None:
         except KafkaException as exc:
             last = exc.args[0].str()
     raise KafkaFatal(f"Kafka at {conf.get('bootstrap.servers')} did not answer within {timeout:.0f}s: {last}")
+
+
+def linger_s(max_wait_s: float, budget_s: float, age_s: float, cost_s: float) -> float:
+    """Seconds to wait for more records after a batch's first: `max_wait_s`, or less when the first record, `age_s`
+    old, would otherwise leave the latency budget `budget_s` (0: none) before its batch's `cost_s` is spent."""
+    if budget_s <= 0:
+        return max_wait_s
+    return max(0.0, min(max_wait_s, budget_s - max(0.0, age_s) - cost_s))
+
+
+def _age_s(m: Message) -> float:
+    """Seconds since the record's timestamp (0 when it has none)."""
+    kind, ms = m.timestamp()
+    return time.time() - ms / 1000.0 if kind != TIMESTAMP_NOT_AVAILABLE and ms > 0 else 0.0
 
 
 def _commit_result(err: KafkaError | None, parts: list[TopicPartition]) -> tuple[KafkaError | None, dict[TP, int]]:

@@ -145,6 +145,9 @@ class Settings(BaseSettings):
 
     batch_max_size: int = Field(1000, ge=1, le=100_000, description="Most messages scored in one model call.")
     batch_max_wait_ms: int = Field(5, ge=0, le=10_000, description="After the first message, wait this long to fill a batch.")
+    latency_budget_ms: int = Field(
+        0, ge=0, le=60_000, description="Cut that wait so the first message's age (from its timestamp) plus the batch's "
+                                        "scoring time stays within this (0: no budget).")
     commit_interval_ms: int = Field(
         200, ge=0, le=60_000,
         description="Least time between offset commits; with exactly-once, the length of a transaction (0: one per batch).")
