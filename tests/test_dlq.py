@@ -213,6 +213,21 @@ def test_verdicts_refuses_a_dead_letter_topic_and_garbage(poisoned, monkeypatch,
     _produce(junk, [(0, b"k", b"\xff\xff\xff", None)])
     line = _refused(monkeypatch, capsys, junk, "verdicts", "--topic", junk.input_topic, "--idle", "10")
     assert f"{junk.input_topic} is not a verdict topic" in line and "partition 0 offset 0" in line
+    line = _refused(monkeypatch, capsys, junk, "verdicts", "--topic", f"no-such-{unique}")
+    assert f"topic no-such-{unique} does not exist" in line
+
+
+def test_a_replay_that_failed_again_is_skipped_unless_asked():
+    """The dead letter of a record that was itself a replay is not replayed again (a fix that did not hold would
+    loop) unless --again says so; --records shows what it replayed."""
+    from worker.tools.dlq import Letter, to_json
+
+    headers = [("trace", b"abc"), ("fraud.replay.of", b"dlq/1/4"), ("fraud.replay.at", b"1")]
+    letter = Letter("dlq", 0, 9, b"k", b"v", headers, (1, 5), {"stage": "validate"})
+    assert letter.replay_of() == "dlq/1/4"
+    assert "--again" in letter.unreplayable() and letter.unreplayable(again=True) is None
+    assert letter.original()[2] == [("trace", b"abc")]
+    assert to_json({"x": float("nan"), "y": [float("-inf")]}) == '{"x": "NaN", "y": ["-Infinity"]}'
 
 
 def test_hostile_corners_empty_missing_and_down(settings_for, monkeypatch, capsys):

@@ -106,8 +106,8 @@ def test_challenger_in_shadow_leaves_live_verdicts_unchanged(settings_for, kafka
         beside = verdicts_by_id(shadow, shadow.verdict_topic, count)
         challenger = verdicts_by_id(shadow, shadow.shadow_topic, count)
         metrics = w.worker.metrics
-        wait_until(lambda: sum(sample(metrics, "fraud_worker_challenger_decisions_total", live=a, challenger=b)
-                               for a in DECISIONS for b in DECISIONS) == count, 30, "every comparison counted")
+        wait_until(lambda: sum(pair(metrics, a, b) for a in DECISIONS for b in DECISIONS) == count, 30,
+                   "every comparison counted")
         agreement = sample(metrics, "fraud_worker_challenger_agreement")
     strip = lambda vs: [{k: v for k, v in x.items() if k != "scored_at"} for x in vs]  # noqa: E731
     assert len(without) == count and {i: strip(v) for i, v in without.items()} == {i: strip(v) for i, v in beside.items()}
@@ -119,10 +119,16 @@ def test_challenger_in_shadow_leaves_live_verdicts_unchanged(settings_for, kafka
     for a in DECISIONS:
         for b in DECISIONS:
             pairs = sum(beside[i][0]["decision"] == a and challenger[i][0]["decision"] == b for i in beside)
-            assert sample(metrics, "fraud_worker_challenger_decisions_total", live=a, challenger=b) == pairs
+            assert pair(metrics, a, b) == pairs
 
 
 DECISIONS = ("APPROVE", "REVIEW", "DECLINE")
+
+
+def pair(metrics: Metrics, live: str, challenger: str) -> float:
+    """Transactions the live model and the reference challenger decided as `live` and `challenger`."""
+    return sample(metrics, "fraud_worker_challenger_decisions_total", live=live, challenger=challenger,
+                  version="c2ced1f")
 
 
 @pytest.mark.kafka
@@ -181,3 +187,38 @@ def test_swap_keeps_the_verdict_wire_format_header():
     assert w.scorer.manifest.name == "fraud-mlp" and w.codec.verdict_prefix == b"\x00\x00\x00\x00\x07"
     outcome = score_batch([txn_message(0)], w.scorer, w.codec, 0)
     assert outcome.encoded[0].startswith(b"\x00\x00\x00\x00\x07")
+
+
+def test_a_model_file_that_arrives_after_its_manifest_is_loaded_then(tmp_path):
+    """A manifest refused because its model file is not there yet is loaded once the file arrives, with the manifest
+    unchanged (a volume that fills after its ConfigMap)."""
+    from worker.model.lifecycle import LIVE
+
+    live = manifest_copy(GBT, tmp_path / "live.json")
+    metrics = Metrics()
+    models = Models(Settings(_env_file=None, model_manifest=live, model_watch_s=0), metrics, threading.Event())
+    manifest_copy(MLP, live, model_file="late.onnx")
+    models._reload(LIVE, live)
+    assert sample(metrics, "fraud_worker_model_loads_total", role="live", result="refused") == 1
+    models._reload(LIVE, live)  # nothing changed: not tried again
+    assert sample(metrics, "fraud_worker_model_loads_total", role="live", result="refused") == 1
+    (tmp_path / "late.onnx").write_bytes((ROOT.parent / "shared" / "reference-model" / "fraud-mlp.onnx").read_bytes())
+    models._reload(LIVE, live)
+    assert models.swapped().scorer.manifest.name == "fraud-mlp"
+
+
+def test_promote_replaces_a_symlinked_manifest_itself_and_keeps_an_absolute_model_path(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """A live manifest that is a symlink to a versioned file is replaced, the versioned file left as it was; an
+    absolute model_file stays absolute."""
+    (tmp_path / "versions").mkdir()
+    v1 = manifest_copy(GBT, tmp_path / "versions" / "v1.json")
+    before = v1.read_text()
+    (tmp_path / "live.json").symlink_to(v1)
+    challenger = manifest_copy(MLP, tmp_path / "challenger.json")
+    monkeypatch.setenv("FRAUD_MODEL_MANIFEST", str(tmp_path / "live.json"))
+    monkeypatch.setenv("FRAUD_CHALLENGER_MANIFEST", str(challenger))
+    assert main(["promote"]) == 0, capsys.readouterr().err
+    live = tmp_path / "live.json"
+    assert not live.is_symlink() and v1.read_text() == before
+    assert json.loads(live.read_text())["model_file"] == json.loads(challenger.read_text())["model_file"]

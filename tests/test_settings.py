@@ -296,3 +296,37 @@ def test_exactly_once_commit_interval_must_fit_the_transaction_timeout(monkeypat
     monkeypatch.setenv("FRAUD_DELIVERY", "at_least_once")
     monkeypatch.delenv("FRAUD_PRODUCER_CONFIG")
     assert load_settings().commit_interval_ms == 4000
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"FRAUD_CHALLENGER_MANIFEST": "models/reference-fraud-mlp.json", "FRAUD_SHADOW_TOPIC": "fraud-verdicts"},
+     "already FRAUD_VERDICT_TOPIC"),
+    ({"FRAUD_CHALLENGER_MANIFEST": "models/reference-fraud-mlp.json", "FRAUD_SHADOW_TOPIC": "transactions"},
+     "already FRAUD_INPUT_TOPIC"),
+    ({"FRAUD_SHADOW_TOPIC": "shadow"}, "set FRAUD_CHALLENGER_MANIFEST too"),
+], ids=["verdict-topic", "input-topic", "no-challenger"])
+def test_shadow_topic_must_be_a_topic_of_its_own(monkeypatch, env, needle):
+    """Challenger verdicts can never be sent to the live verdict, input or dead-letter topic."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert needle in str(info.value)
+
+
+def test_an_empty_variable_means_unset(monkeypatch):
+    """FRAUD_CHALLENGER_MANIFEST= (as Compose and Kubernetes write an unset value) is no challenger, not the path "."."""
+    monkeypatch.setenv("FRAUD_CHALLENGER_MANIFEST", "")
+    monkeypatch.setenv("FRAUD_MODEL_FILE", "")
+    s = load_settings()
+    assert s.challenger_manifest is None and s.model_file is None
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("http://reguser:RegSecretPW2@127.0.0.1:8081/apis", "http://***@127.0.0.1:8081/apis"),
+    ("https://a@b@registry:8081", "https://***@registry:8081"),
+    ("http://127.0.0.1:8081", "http://127.0.0.1:8081"),
+])
+def test_registry_url_is_shown_without_its_credentials(url, shown):
+    """A Schema Registry URL that carries user:password is printed without them."""
+    assert Settings(_env_file=None, schema_registry_url=url).registry_url_shown() == shown

@@ -223,10 +223,10 @@ def test_metrics_port_in_use_stops_before_the_transactional_id_is_registered(set
 _SIGNAL_WHILE_LOGGING = """
 import os, signal, sys
 import structlog._output
-from worker import app, cli
+from worker import app, cli, logs
 
 def run(self):
-    with structlog._output._get_lock_for_file(sys.stdout):  # the main thread is writing a log line
+    with structlog._output._get_lock_for_file(logs.STDOUT):  # the main thread is writing a log line
         os.kill(os.getpid(), signal.SIGTERM)
         sum(range(1000))  # the handler runs here, between bytecodes
     return 0 if self.stop.is_set() else 3

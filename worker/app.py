@@ -228,7 +228,7 @@ class Worker:
                 break
             except RegistryUnavailable as exc:
                 if time.monotonic() >= deadline or self.stop.is_set():
-                    raise StartupError(f"Schema Registry at {s.schema_registry_url} did not answer within "
+                    raise StartupError(f"Schema Registry at {s.registry_url_shown()} did not answer within "
                                        f"{s.startup_timeout_s:g}s: {exc}") from None
                 time.sleep(0.5)
             except Exception as exc:
@@ -242,7 +242,7 @@ class Worker:
         """Fail start-up with one clear line if the broker is unreachable or a topic is missing."""
         s = self.settings
         conf = {**client_config(s), "error_cb": self._on_error}
-        topics = (s.input_topic, s.verdict_topic, s.dead_letter_topic)
+        topics = (s.input_topic, s.verdict_topic, s.dead_letter_topic) + ((s.shadow_topic,) if s.shadow_topic else ())
         deadline = time.monotonic() + s.startup_timeout_s
         while True:
             try:

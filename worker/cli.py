@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="count (and with --records print) what would be replayed")
     p.add_argument("--rate", type=float, default=0.0, help="records per second (0 = unlimited)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr (none when not a TTY)")
+    p.add_argument("--again", action="store_true",
+                   help="also replay dead letters of records that were replays themselves (skipped by default)")
     p = sub.add_parser("broker", help="manage the local Kafka broker (no Docker needed)")
     p.add_argument("action", choices=["start", "stop", "status"])
     p.add_argument("--port", type=int, default=9092,
@@ -168,7 +170,7 @@ def _check(args) -> int:
                       "thresholds": m.thresholds.model_dump(), "bootstrap_servers": settings.bootstrap_servers,
                       "topics": [settings.input_topic, settings.verdict_topic, settings.dead_letter_topic],
                       "input_schema": str(settings.input_schema or "schemas/transaction.avsc"),
-                      "schema_registry_url": settings.schema_registry_url, "delivery": settings.delivery,
+                      "schema_registry_url": settings.registry_url_shown(), "delivery": settings.delivery,
                       "transactional_id": transactional_id(settings) if worker.exactly_once else None,
                       "challenger": {"model": c.name, "version": c.version, "sha256": c.sha256,
                                      "shadow_topic": settings.shadow_topic} if c else None}))
@@ -206,10 +208,10 @@ def _promote(args) -> int:
         raise StartupFailure("no challenger to promote: set FRAUD_CHALLENGER_MANIFEST")
     if settings.model_file:
         raise StartupFailure("FRAUD_MODEL_FILE overrides the live manifest's model file; unset it to promote")
-    live = Path(settings.model_manifest).resolve()
+    live = Path(settings.model_manifest).absolute()  # a symlink is replaced itself, not the file it points to
     data = json.loads(Path(settings.challenger_manifest).read_text())
-    # model_file is relative to its manifest: rewrite it for the live manifest's folder.
-    data["model_file"] = os.path.relpath(challenger.scorer.manifest.model_path(), live.parent)
+    if not Path(data["model_file"]).is_absolute():  # relative to its manifest: rewrite it for the live one's folder
+        data["model_file"] = os.path.relpath(challenger.scorer.manifest.model_path(), live.parent.resolve())
     before = manifest_digest(live)
     staged = live.with_name(f".{live.name}.promote-{os.getpid()}")
     try:
@@ -270,16 +272,21 @@ def _input_prefix(s) -> bytes:
         schema = json.loads(s.input_schema.read_text()) if s.input_schema else Codec().transaction_avsc
         return input_prefix(s.registry_config(), s.input_topic, schema)
     except RegistryUnavailable as exc:
-        raise StartupFailure(f"Schema Registry at {s.schema_registry_url} did not answer: {exc}") from None
+        raise StartupFailure(f"Schema Registry at {s.registry_url_shown()} did not answer: {exc}") from None
 
 
 def _verdicts(args) -> int:
     from .avro.codec import Codec
-    from .kafka import client_config, iter_topic
+    from .kafka import KafkaFatal, client_config, describe_topics, iter_topic
     from .tools.dlq import ERRORS
 
     s = load_settings()
     topic, codec, n = args.topic or s.verdict_topic, Codec(), 0
+    try:
+        if topic not in describe_topics(client_config(s), [topic], s.startup_timeout_s):
+            raise StartupFailure(f"topic {topic} does not exist on {s.bootstrap_servers}")
+    except KafkaFatal as exc:
+        raise StartupFailure(str(exc)) from None
     for record in iter_topic(client_config(s), topic, args.idle):
         if record is None:
             continue
@@ -317,7 +324,8 @@ def _dlq(args) -> int:
             summary = dlq.inspect(s, selection, emit)
         else:
             summary = dlq.replay(s, selection, to_topic=args.to_topic, ledger_topic=args.ledger_topic,
-                                 dry_run=args.dry_run, rate=args.rate, progress=not args.no_progress, emit=emit)
+                                 dry_run=args.dry_run, rate=args.rate, progress=not args.no_progress, emit=emit,
+                                 again=args.again)
     except dlq.DlqError as exc:
         raise StartupFailure(str(exc)) from None
     print(dlq.to_json(summary), flush=True)

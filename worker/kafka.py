@@ -775,7 +775,9 @@ class ShadowOutput:
 
     def __init__(self, settings: Settings, topic: str, failed: Callable[[str], None]):
         conf = {k: v for k, v in producer_config(settings).items() if not k.startswith("transaction")}
-        self.producer = Producer({**conf, "logger": QUIET_LOG, "error_cb": lambda err: failed(err.str())})
+        # A shadow verdict that cannot land is counted within 30 s, not after librdkafka's default 5 minutes.
+        self.producer = Producer({**conf, "delivery.timeout.ms": 30_000, "logger": QUIET_LOG,
+                                  "error_cb": lambda err: failed(err.str())})
         self.topic = topic
         self._failed = failed
 

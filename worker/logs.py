@@ -9,6 +9,19 @@ import time
 import structlog
 
 
+class _CurrentStdout:
+    """sys.stdout as it is at each write, so loggers made earlier follow a stdout replaced since (as pytest does)."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
+STDOUT = _CurrentStdout()
+
+
 def configure(level: str = "INFO", json: bool | None = None) -> None:
     """Configure structlog once per process."""
     if json is None:
@@ -23,7 +36,7 @@ def configure(level: str = "INFO", json: bool | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(STDOUT),
         cache_logger_on_first_use=True,
     )
 

@@ -42,8 +42,8 @@ class Metrics:
                                    "(live, challenger) and result (swapped, refused).", ["role", "result"], registry=r)
         self.challenger = Info("fraud_worker_challenger", "The challenger model scored in shadow.", registry=r)
         self.challenger_decisions = Counter(
-            "fraud_worker_challenger_decisions", "Transactions scored by both models, by live and challenger decision.",
-            ["live", "challenger"], registry=r)
+            "fraud_worker_challenger_decisions", "Transactions scored by both models, by live and challenger decision "
+            "and the challenger's version.", ["live", "challenger", "version"], registry=r)
         self.challenger_agreement = Gauge("fraud_worker_challenger_agreement",
                                           "Share of transactions scored by both models with the same decision.",
                                           registry=r)

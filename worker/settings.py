@@ -10,6 +10,7 @@ import socket
 from collections.abc import Callable
 from fnmatch import fnmatchcase
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 from typing import Any, Literal
 
 from pydantic import model_validator, Field, SecretStr, ValidationError, field_validator
@@ -213,6 +214,36 @@ class Settings(BaseSettings):
             raise ValueError(f"FRAUD_COMMIT_INTERVAL_MS: {self.commit_interval_ms} is over a third of "
                              f"transaction.timeout.ms ({self.transaction_timeout_ms()}) with FRAUD_DELIVERY=exactly_once")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_optional_is_unset(cls, data):
+        """An empty value of a setting that is off by default means off (FRAUD_CHALLENGER_MANIFEST= in Compose or
+        Kubernetes), not the path "."; an empty value of any other setting is still refused."""
+        if isinstance(data, dict):
+            return {k: None if v == "" and k in cls.model_fields and cls.model_fields[k].default is None else v
+                    for k, v in data.items()}
+        return data
+
+    @model_validator(mode="after")
+    def _shadow_topic_of_its_own(self) -> Settings:
+        """The challenger's verdicts must never land among live verdicts, inputs or dead letters."""
+        if self.shadow_topic and not self.challenger_manifest:
+            raise ValueError("FRAUD_SHADOW_TOPIC: set FRAUD_CHALLENGER_MANIFEST too, or unset it")
+        taken = {self.input_topic: "FRAUD_INPUT_TOPIC", self.verdict_topic: "FRAUD_VERDICT_TOPIC",
+                 self.dead_letter_topic: "FRAUD_DEAD_LETTER_TOPIC"}
+        if self.shadow_topic in taken:
+            raise ValueError(f"FRAUD_SHADOW_TOPIC: {self.shadow_topic} is already {taken[self.shadow_topic]}; the "
+                             "challenger's verdicts need a topic of their own")
+        return self
+
+    def registry_url_shown(self) -> str | None:
+        """The Schema Registry URL without any user:password it carries, for messages and output."""
+        url = self.schema_registry_url
+        parts = urlsplit(url or "")
+        if "@" not in parts.netloc:
+            return url
+        return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
 
     def transaction_timeout_ms(self) -> int:
         """The exactly-once producer's transaction.timeout.ms."""

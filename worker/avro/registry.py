@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
 
 import fastavro
@@ -177,4 +178,8 @@ def _transient(exc: SchemaRegistryError) -> bool:
 
 def _describe(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
+    # httpx names the URL it failed on, user:password included when the URL carries them.
+    return f"{type(exc).__name__}: {_USERINFO.sub('://***@', text[0][:300]) if text else ''}"
+
+
+_USERINFO = re.compile(r"://[^/\s]*@")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -49,6 +51,20 @@ def load_model(settings: Settings, manifest_path: Path | None = None) -> LoadedM
     return LoadedModel(scorer, codec, digest)
 
 
+def fingerprint(path: Path) -> str:
+    """What a watch compares: the manifest's sha256 and its model file's size and mtime ("" when unreadable), so a
+    model file that arrives after its manifest is loaded then."""
+    digest = manifest_digest(path)
+    if not digest:
+        return ""
+    try:
+        model = Path(path).parent / json.loads(Path(path).read_text())["model_file"]
+        stat = model.stat()
+        return f"{digest}:{stat.st_size}:{stat.st_mtime_ns}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return digest  # the load says what is wrong
+
+
 def manifest_digest(path: Path) -> str:
     """The sha256 of a manifest file's bytes, or "" when it cannot be read (the load then says why)."""
     try:
@@ -77,7 +93,7 @@ class Models:
         self.settings, self.metrics, self.stop = settings, metrics, stop
         self.challenger: LoadedModel | None = None
         self._ready: LoadedModel | None = None
-        self._seen = {LIVE: manifest_digest(settings.model_manifest), CHALLENGER: ""}
+        self._seen = {LIVE: fingerprint(settings.model_manifest), CHALLENGER: ""}
         self._output: Output | None = None
         self._thread: threading.Thread | None = None
         self._errors = FirstSeen(_QUIET_S)
@@ -94,7 +110,9 @@ class Models:
             if output is not None:
                 self._output = output(lambda error: self._failed("shadow", error))
         if s.model_watch_s > 0:
-            self._thread = threading.Thread(target=self._watch, name="model-watch", daemon=True)
+            # In the caller's context, so its log lines carry the worker_id and group bound there.
+            self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._watch,),
+                                            name="model-watch", daemon=True)
             self._thread.start()
 
     def swapped(self) -> LoadedModel | None:
@@ -129,7 +147,8 @@ class Models:
         live = np.asarray(outcome.decisions)[keep]
         confusion = np.bincount(live * 3 + decisions, minlength=9)
         for code in np.flatnonzero(confusion):
-            self.metrics.challenger_decisions.labels(_DECISIONS[code // 3], _DECISIONS[code % 3]).inc(int(confusion[code]))
+            self.metrics.challenger_decisions.labels(_DECISIONS[code // 3], _DECISIONS[code % 3],
+                                                     m.version).inc(int(confusion[code]))
         self._compared += len(keep)
         self._agreed += int(np.trace(confusion.reshape(3, 3)))
         if self._compared:
@@ -154,20 +173,28 @@ class Models:
                 self._reload(CHALLENGER, s.challenger_manifest)
 
     def _reload(self, role: str, path: Path) -> None:
-        digest = manifest_digest(path)
-        if digest and digest != self._seen[role]:
-            if self._load(role, path):
-                self.metrics.model_loads.labels(role, "swapped").inc()
-            else:
-                self.metrics.model_loads.labels(role, "refused").inc()
+        seen = fingerprint(path)
+        if seen == self._seen[role]:
+            return
+        if not seen:
+            if self._seen[role]:
+                log.warning("model_manifest_unreadable", role=role, manifest=str(path),
+                            detail="the running model stays until the manifest is back")
+            self._seen[role] = seen
+            return
+        if self._load(role, path):
+            self.metrics.model_loads.labels(role, "swapped").inc()
+        else:
+            self.metrics.model_loads.labels(role, "refused").inc()
 
     def _load(self, role: str, path: Path) -> bool:
-        self._seen[role] = manifest_digest(path)
+        self._seen[role] = fingerprint(path)
         try:
             model = load_model(self.settings, path if role == CHALLENGER else None)
         except ManifestError as exc:
-            log.error("model_refused", role=role, manifest=str(path), error=str(exc),
-                      detail="the running model stays" if role == LIVE else "the challenger is not scored")
+            stays = "the running model stays" if role == LIVE else (
+                "the previous challenger stays" if self.challenger else "no challenger is scored")
+            log.error("model_refused", role=role, manifest=str(path), error=str(exc), detail=stays)
             if role == CHALLENGER:
                 self.metrics.challenger_failures.labels("load").inc()
             return False

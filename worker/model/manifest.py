@@ -143,6 +143,8 @@ class Manifest(BaseModel):
             raise ManifestError(f"model manifest not found: {path}") from None
         except (OSError, ValueError) as exc:  # ValueError covers JSONDecodeError and UnicodeDecodeError
             raise ManifestError(f"model manifest {path} is not readable JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ManifestError(f"model manifest {path} is invalid: it holds a JSON {type(data).__name__}, not an object")
         try:
             manifest = cls(**data, path=path.resolve())
         except (TypeError, ValidationError) as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import math
 import sys
 import time
 import uuid
@@ -71,10 +72,19 @@ class Letter:
         except (KeyError, ValueError):
             return self.timestamp[1]
 
-    def unreplayable(self) -> str | None:
-        """Why the original record cannot be rebuilt from this dead letter, or None."""
+    def replay_of(self) -> str | None:
+        """The dead letter this record's original was a replay of (its fraud.replay.of header), or None."""
+        value = next((v for k, v in self.headers if k == REPLAY_OF), None)
+        return value.decode(errors="replace") if value is not None else None
+
+    def unreplayable(self, again: bool = False) -> str | None:
+        """Why the original record should not be rebuilt from this dead letter, or None; `again` allows the dead
+        letters of records that were replays themselves."""
         if "stage" not in self.errors:
             return "not a dead letter (no fraud.errors.stage header)"
+        if not again and self.replay_of():
+            # Replaying it again would loop while the fix does not hold; --again says it does now.
+            return "a replay that failed again (use --again to replay it once more)"
         changes = self.errors.get("adjusted")
         if changes is None:
             return None
@@ -138,7 +148,8 @@ def inspect(settings: Settings, selection: Selection, emit: Emit | None = None) 
 
 
 def replay(settings: Settings, selection: Selection, to_topic: str | None = None, ledger_topic: str | None = None,
-           dry_run: bool = False, rate: float = 0.0, progress: bool = True, emit: Emit | None = None) -> dict:
+           dry_run: bool = False, rate: float = 0.0, progress: bool = True, emit: Emit | None = None,
+           again: bool = False) -> dict:
     """Re-produce the selected dead letters that the ledger does not list to `to_topic` (default: the input topic),
     each with its ledger entry in one transaction; at most `rate` records/s (0: unlimited). Returns the summary."""
     from tqdm import tqdm
@@ -166,7 +177,7 @@ def replay(settings: Settings, selection: Selection, to_topic: str | None = None
             if not selection.matches(letter):
                 continue
             counts["selected"] += 1
-            why = letter.unreplayable()
+            why = letter.unreplayable(again)
             if letter.coordinates in done:
                 counts["already_replayed"] += 1
             elif why:
@@ -267,12 +278,17 @@ def _ranges(conf: dict, topic: str, partitions: int, sel: Selection, timeout: fl
     client = admin(conf)
 
     def offsets(spec) -> dict[int, int]:
-        futures = client.list_offsets({TopicPartition(topic, p): spec for p in wanted},
-                                      isolation_level=IsolationLevel.READ_COMMITTED, request_timeout=timeout)
-        try:
-            return {tp.partition: f.result().offset for tp, f in futures.items()}
-        except KafkaException as exc:
-            raise DlqError(f"cannot read the offsets of {topic}: {exc.args[0].str()}") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            futures = client.list_offsets({TopicPartition(topic, p): spec for p in wanted},
+                                          isolation_level=IsolationLevel.READ_COMMITTED, request_timeout=timeout)
+            try:
+                return {tp.partition: f.result().offset for tp, f in futures.items()}
+            except KafkaException as exc:
+                # A topic just created, or a partition whose leader moves, answers NOT_LEADER for a moment.
+                if not exc.args[0].retriable() or time.monotonic() > deadline:
+                    raise DlqError(f"cannot read the offsets of {topic}: {exc.args[0].str()}") from None
+                time.sleep(0.2)
 
     if not wanted:
         return {}
@@ -388,7 +404,8 @@ class Describer:
                 "message": e.get("exception.message"), "failed_at": letter.failed_at(),
                 "source": {"topic": e.get("topic"), "partition": _int(e.get("partition")),
                            "offset": _int(e.get("offset"))},
-                "timestamp": letter.timestamp[1], "timestamp_type": ts_type, "key": text(key),
+                "timestamp": letter.timestamp[1], "timestamp_type": ts_type, "replay_of": letter.replay_of(),
+                "key": text(key),
                 "headers": [[k, text(v)] for k, v in headers], "errors": e, **self.value(value)}
 
     def value(self, raw: bytes | None) -> dict:
@@ -432,4 +449,15 @@ def to_json(obj) -> str:
             return str(v)
         raise TypeError(f"{type(v).__name__} is not JSON")
 
-    return json.dumps(obj, default=plain, ensure_ascii=False)
+    return json.dumps(_finite(obj), default=plain, ensure_ascii=False, allow_nan=False)
+
+
+def _finite(v):
+    """NaN and the infinities as the strings "NaN", "Infinity", "-Infinity": JSON has no number for them."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v).replace("inf", "Infinity").replace("nan", "NaN")
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
