@@ -527,9 +527,12 @@ class KafkaIO:
     def commit(self, positions: dict[TP, int], asynchronous: bool) -> None:
         """Commit the given next-offsets."""
         if positions:
-            self.consumer.commit(
+            done = self.consumer.commit(
                 offsets=[TopicPartition(t, p, o) for (t, p), o in positions.items()], asynchronous=asynchronous
             )
+            failed = next((tp.error for tp in done or [] if tp.error is not None), None)
+            if failed is not None:  # a synchronous commit reports a partition's own failure only here
+                raise KafkaException(failed)
 
     def lag(self) -> dict[TP, int]:
         """Messages between the consumer's position and the end of each assigned partition."""
