@@ -151,7 +151,7 @@ def test_challenger_that_raises_is_counted_not_fatal():
 
     metrics = Metrics()
     models = Models(Settings(model_watch_s=0), metrics, threading.Event())
-    models.challenger = LoadedModel(Raising(manifest=make_manifest(name="c")), CODEC, "")
+    models.challenger = LoadedModel(Raising(manifest=make_manifest(name="c")), CODEC)
     outcome = score_batch([txn_message(i) for i in range(5)], FakeScorer(), CODEC, 0)
     before = (list(outcome.encoded), np.copy(outcome.decisions))
     models.shadow(outcome, CODEC, 0)

@@ -319,7 +319,7 @@ class KafkaIO:
         if not msgs:
             msgs = self.consumer.consume(1, block_s)
             if msgs and max_size > 1:
-                wait = linger_s(max_wait_s, budget_s, _age_s(msgs[0]), cost_s)
+                wait = linger_s(max_wait_s, budget_s, _age_s(msgs[0]), cost_s) if budget_s > 0 else max_wait_s
                 msgs += self.consumer.consume(max_size - 1, wait)
         good = []
         for m in msgs:
@@ -530,7 +530,7 @@ class KafkaIO:
             done = self.consumer.commit(
                 offsets=[TopicPartition(t, p, o) for (t, p), o in positions.items()], asynchronous=asynchronous
             )
-            failed = next((tp.error for tp in done or [] if tp.error is not None), None)
+            failed = _first_error(done or [])
             if failed is not None:  # a synchronous commit reports a partition's own failure only here
                 raise KafkaException(failed)
 
@@ -705,7 +705,7 @@ def committed_offsets(conf: dict, group: str, topic: str) -> dict[int, int]:
             try:
                 found = consumer.committed(parts, timeout=10)
                 # A partition's own error (its coordinator still loading, say) comes with offset -1001: not "none".
-                failed = next((tp.error for tp in found if tp.error is not None), None)
+                failed = _first_error(found)
                 if failed is not None:
                     raise KafkaException(failed)
                 return {tp.partition: tp.offset for tp in found}
@@ -761,16 +761,16 @@ def _age_s(m: Message) -> float:
     return time.time() - ms / 1000.0 if kind != TIMESTAMP_NOT_AVAILABLE and ms > 0 else 0.0
 
 
-def _commit_result(err: KafkaError | None, parts: list[TopicPartition]) -> tuple[KafkaError | None, dict[TP, int]]:
-    """A commit's error and the positions it concerns: those of the partitions that failed, when only some did.
+def _first_error(parts: list[TopicPartition]) -> KafkaError | None:
+    """The first partition's own error: librdkafka reports a partition's failure (a coordinator still loading, say)
+    in its TopicPartition.error, possibly with no error for the request as a whole."""
+    return next((p.error for p in parts if p.error is not None), None)
 
-    librdkafka reports a partition's own failure (a coordinator still loading, say) in its TopicPartition.error,
-    possibly with no error for the commit as a whole.
-    """
+
+def _commit_result(err: KafkaError | None, parts: list[TopicPartition]) -> tuple[KafkaError | None, dict[TP, int]]:
+    """A commit's error and the positions it concerns: those of the partitions that failed, when only some did."""
     failed = [p for p in parts if p.error is not None]
-    if err is None and failed:
-        err = failed[0].error
-    return err, {(p.topic, p.partition): p.offset for p in (failed or parts)}
+    return err or _first_error(parts), {(p.topic, p.partition): p.offset for p in (failed or parts)}
 
 
 class ShadowOutput:

@@ -130,7 +130,6 @@ class BatchOutcome:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     typed: Callable[[], list[Verdict]] = list
     batch: Any = None  # the decoded records of the scored messages, in order, for a challenger's features
-    probabilities: Any = None  # numpy array of fraud probabilities, one per scored message
 
     @property
     def verdicts(self) -> list[tuple[Message, Verdict]]:

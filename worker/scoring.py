@@ -53,7 +53,7 @@ def score_batch(messages: Sequence[Message], scorer: Scorer, codec: Codec | Reco
     outcome.encoded = codec.encode_verdicts(batch, probs, decisions, (t.review, t.decline),
                                             (scorer.manifest.name, scorer.manifest.version), now_ms)
     outcome.decisions = decisions
-    outcome.batch, outcome.probabilities = batch, probs
+    outcome.batch = batch
     outcome.event_times = batch.event_times
     outcome.typed = lambda: [_verdict(*codec.identity(batch, i), float(p), decision_of(d), scorer.manifest, now_ms)
                              for i, (p, d) in enumerate(zip(probs.tolist(), decisions.tolist()))]

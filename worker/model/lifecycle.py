@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from ..avro.codec import Codec, decision_codes
+from ..avro.codec import Codec, decision_codes, decision_of
 from ..avro.recordcodec import RecordCodec, input_codec, load_input_schema
 from ..logs import FirstSeen, get_logger
 from ..records import BatchOutcome
@@ -35,31 +35,30 @@ class LoadedModel:
 
     scorer: OnnxScorer
     codec: Codec | RecordCodec
-    digest: str  # sha256 of the manifest file's bytes: what a watch compares
 
 
 def load_model(settings: Settings, manifest_path: Path | None = None) -> LoadedModel:
     """Load a manifest (default: FRAUD_MODEL_MANIFEST) and its model: schema fit, sha256, signature, output
     semantics, test vectors through the live path. Raises ManifestError with one line."""
     path = Path(manifest_path or settings.model_manifest)
-    digest = manifest_digest(path)
     model_file = settings.model_file if manifest_path is None else None
     scorer = OnnxScorer.load(path, model_file, threads=settings.onnx_threads,
                              schema=load_input_schema(settings.input_schema))
     codec = input_codec(settings.input_schema, scorer.manifest, settings.max_message_bytes)
     check_test_vectors(scorer, codec)
-    return LoadedModel(scorer, codec, digest)
+    return LoadedModel(scorer, codec)
 
 
 def fingerprint(path: Path) -> str:
     """What a watch compares: the manifest's sha256 and its model file's size and mtime ("" when unreadable), so a
     model file that arrives after its manifest is loaded then."""
-    digest = manifest_digest(path)
-    if not digest:
-        return ""
     try:
-        model = Path(path).parent / json.loads(Path(path).read_text())["model_file"]
-        stat = model.stat()
+        raw = Path(path).read_bytes()
+    except OSError:
+        return ""
+    digest = hashlib.sha256(raw).hexdigest()
+    try:
+        stat = (Path(path).parent / json.loads(raw)["model_file"]).stat()
         return f"{digest}:{stat.st_size}:{stat.st_mtime_ns}"
     except (OSError, ValueError, KeyError, TypeError):
         return digest  # the load says what is wrong
@@ -147,7 +146,7 @@ class Models:
         live = np.asarray(outcome.decisions)[keep]
         confusion = np.bincount(live * 3 + decisions, minlength=9)
         for code in np.flatnonzero(confusion):
-            self.metrics.challenger_decisions.labels(_DECISIONS[code // 3], _DECISIONS[code % 3],
+            self.metrics.challenger_decisions.labels(decision_of(code // 3).value, decision_of(code % 3).value,
                                                      m.version).inc(int(confusion[code]))
         self._compared += len(keep)
         self._agreed += int(np.trace(confusion.reshape(3, 3)))
@@ -215,5 +214,4 @@ class Models:
 
 
 LIVE, CHALLENGER = "live", "challenger"
-_DECISIONS = ("APPROVE", "REVIEW", "DECLINE")
 _QUIET_S = 30.0
