@@ -869,7 +869,13 @@ def main() -> None:
     p.add_argument("--profile", action="store_true",
                    help="one more worker drain under py-spy; top functions in the results")
     p.add_argument("--smoke", action="store_true", help="3,000 transactions, one 3-second latency rate (for CI)")
+    p.add_argument("--contenders", default=",".join(CONTENDERS),
+                   help="comma-separated subset to drain (the worker is always drained; for quick A/B runs)")
+    p.add_argument("--no-latency", action="store_true", help="drains only, no latency phases")
     a = p.parse_args()
+    chosen = {"worker", *a.contenders.split(",")}
+    if not chosen <= set(CONTENDERS):
+        p.error(f"unknown contender(s) {', '.join(sorted(chosen - set(CONTENDERS)))}; choose from {CONTENDERS}")
     if a.smoke:
         a.messages, a.latency_seconds, a.rates, a.rounds = 3_000, 3.0, "0.5", 1
     started = time.monotonic()
@@ -902,7 +908,7 @@ def main() -> None:
         warm = [f"{run_id}-jvm-warmup", f"{run_id}-jvm-warmup-out", str(min(a.messages, JVM_WARMUP_RECORDS))]
         create_topics(conf, warm[:2], a.partitions)
         res["jvm_warmup"], _ = prefill(conf, warm[0], int(warm[2]))
-        names = [n for n in CONTENDERS if n != "quix_peer" or peer["python"]]
+        names = [n for n in CONTENDERS if n in chosen and (n != "quix_peer" or peer["python"])]
         rounds = []
         for i in range(a.rounds):
             print(f"round {i + 1}/{a.rounds}: drain of {a.messages:,} transactions", flush=True)
@@ -911,23 +917,25 @@ def main() -> None:
         res["contenders"], res["ratios"] = summarise(rounds)
         print(f"accuracy: Kafka Streams verdicts against the worker's, {ACCURACY_SAMPLE} ids each", flush=True)
         res["accuracy"] = {n: accuracy(conf, rounds[0]["worker"]["topic"], rounds[0][n]["topic"], ACCURACY_SAMPLE)
-                           for n in STREAMS}
+                           for n in STREAMS if n in names}
         for n, acc in res["accuracy"].items():
             print(f"  {n:18s} {acc['matched']:,} matched, max |Δp| {acc['max_abs_probability_diff']}, "
                   f"{acc['decision_mismatches']} decision mismatch(es), {acc['mismatches_beyond_noise']} beyond noise",
                   flush=True)
-        fractions = [float(f) for f in a.rates.split(",")]
+        fractions = [] if a.no_latency else [float(f) for f in a.rates.split(",")]
         max_tps = res["contenders"]["worker"]["throughput_tps"]
         if a.smoke:  # a 3,000-transaction drain is one burst, not a maximum; keep the smoke run short
             max_tps = min(max_tps, 10_000)
-        print(f"latency at {', '.join(f'{f:.0%}' for f in fractions)} of {max_tps:,} txn/s, "
-              f"{a.latency_seconds:g} s each", flush=True)
-        res["latency"] = latency(conf, run_id, a.partitions, max_tps, fractions, a.latency_seconds, logs)
-        res["latency"] += latency(conf, run_id, a.partitions, max_tps, fractions, a.latency_seconds, logs,
-                                  "java_copy")
-        half = min(fractions, key=lambda f: abs(f - 0.5))
-        res["latency"] += latency(conf, run_id, a.partitions, max_tps, [half], a.latency_seconds, logs,
-                                  "worker_exactly_once")
+        res["latency"] = []
+        if fractions:
+            print(f"latency at {', '.join(f'{f:.0%}' for f in fractions)} of {max_tps:,} txn/s, "
+                  f"{a.latency_seconds:g} s each", flush=True)
+            res["latency"] += latency(conf, run_id, a.partitions, max_tps, fractions, a.latency_seconds, logs)
+            res["latency"] += latency(conf, run_id, a.partitions, max_tps, fractions, a.latency_seconds, logs,
+                                      "java_copy")
+            half = min(fractions, key=lambda f: abs(f - 0.5))
+            res["latency"] += latency(conf, run_id, a.partitions, max_tps, [half], a.latency_seconds, logs,
+                                      "worker_exactly_once")
         if a.profile:
             print("profile: one more worker drain under py-spy", flush=True)
             res["profile"] = profile_worker(conf, probe, run_id, source, a.partitions, a.messages, logs, out)

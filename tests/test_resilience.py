@@ -75,7 +75,7 @@ def test_stop_with_the_broker_down_stays_within_the_shutdown_timeout(tmp_path, s
         w = WorkerProcess(s, tmp_path / "w.log")
         assert w.wait_assigned(), w.log()[-2000:]
         produce_transactions(s, traffic.generated(20_000, seed=23, prefix="down"))
-        wait_until(lambda: '"batch_scored"' in w.log(), 60, "a first batch")
+        wait_until(lambda: '"progress"' in w.log(), 60, "a first batch")
         broker.kill()
         time.sleep(3)
         started = time.monotonic()

@@ -58,6 +58,20 @@ def test_every_transaction_gets_one_verdict_equal_to_a_direct_model_call(setting
     _assert_all_committed(s)
 
 
+def test_a_full_producer_queue_never_hands_one_report_to_another_batch(settings_for):
+    """Batches claim delivery slots before they produce: with the producer queue nearly full of unreported records
+    (small queue, long linger, a backlog), each report must still reach its own batch, or a batch never completes
+    and its partition never commits again."""
+    s = settings_for(partitions=3, batch_max_size=1000,
+                     producer_config={"queue.buffering.max.messages": "1500", "linger.ms": "50"})
+    txns = list(traffic.generated(30_000, seed=31, prefix="ring"))
+    produce_transactions(s, txns)
+    with WorkerThread(s):
+        verdicts = _verdicts(s, len(txns))
+        wait_until(lambda: committed_offsets(s) == end_offsets(s, s.input_topic), 60, "every offset committed")
+    assert len({v["transaction_id"] for v in verdicts}) == len(txns)
+
+
 def test_reference_model_through_kafka_matches_expected(settings_for):
     """The reference model, run by its manifest alone, reproduces expected.json's probabilities and counts."""
     expected = json.loads((REFERENCE / "expected.json").read_text())

@@ -29,6 +29,7 @@ from .settings import Settings
 log = get_logger("worker")
 _LAG_INTERVAL_S = 5.0
 _POLL_BLOCK_S = 0.5
+_ACK_WAIT_S = 0.005
 # Each client (consumer, producers) reports the same broker error on every reconnect; say it once per window.
 _REPEAT_QUIET_S = 30.0
 # Retries of a batch whose writer schema could not be fetched: first wait, longest wait (seconds).
@@ -61,8 +62,10 @@ class _Ticket:
 
     def verdict_delivered(self, i: int, err: KafkaError | None) -> None:
         """librdkafka's delivery report for verdict i of the batch (i is its identity, never its bytes)."""
-        if err is None:
-            self.acked()
+        if err is None:  # acked() inlined: this runs once per verdict
+            self.outstanding -= 1
+            if self.outstanding == 0 and not self.void:
+                self.worker._batch_acked(self)
         else:
             self.worker._verdict_refused(self, i, err, alone=False)
 
@@ -71,6 +74,33 @@ class _Ticket:
         self.outstanding -= 1
         if self.outstanding == 0 and not self.void:
             self.worker._batch_acked(self)
+
+
+class _Progress:
+    """Batches scored since the last `progress` line: one info line per interval, not one per batch."""
+
+    def __init__(self) -> None:
+        self._start(0.0)  # the first batch is reported at once
+
+    def _start(self, now: float) -> None:
+        self.since = now
+        self.batches = self.consumed = self.verdicts = self.dead_letters = 0
+        self.seconds = 0.0
+
+    def add(self, consumed: int, verdicts: int, dead_letters: int, seconds: float) -> None:
+        """Count one scored batch."""
+        self.batches += 1
+        self.consumed += consumed
+        self.verdicts += verdicts
+        self.dead_letters += dead_letters
+        self.seconds += seconds
+
+    def report(self, now: float) -> None:
+        """Log the counts since the last line and start again."""
+        log.info("progress", batches=self.batches, consumed=self.consumed, verdicts=self.verdicts,
+                 dead_letters=self.dead_letters, mean_batch_size=round(self.consumed / self.batches, 1),
+                 mean_batch_ms=round(self.seconds * 1000 / self.batches, 3))
+        self._start(now)
 
 
 class _Step(IntEnum):
@@ -173,6 +203,7 @@ class Worker:
         # output passed its probe alone, so only their batching was refused (RECORD_LIST_TOO_LARGE and the like).
         self._one_at_a_time: dict[TP, int] = {}
         self._innocent_rounds = 0
+        self._progress = _Progress()
         self.models = Models(settings, self.metrics, self.stop)
         m = scorer.manifest
         self.metrics.model.info({"name": m.name, "version": m.version, "sha256": m.sha256})
@@ -286,7 +317,8 @@ class Worker:
                     self._registry_retry_at = 0.0
                     self.kafka.release()
                 revocations = self._revocations
-                block = _POLL_BLOCK_S
+                # Delivery reports are served between polls: while outputs await them, do not sleep long.
+                block = _ACK_WAIT_S if self.tracker.in_flight() else _POLL_BLOCK_S
                 if self.kafka.in_transaction:  # its verdicts are invisible until it commits: do not sleep past that
                     block = min(block, max(0.0, last_commit + commit_every - time.monotonic()))
                 msgs = self.kafka.poll_batch(self._batch_limit, s.batch_max_wait_ms / 1000.0, block,
@@ -315,6 +347,8 @@ class Worker:
                 if now - last_lag >= _LAG_INTERVAL_S:
                     self._update_lag()
                     last_lag = now
+                if self._progress.batches and now - self._progress.since >= _LAG_INTERVAL_S:
+                    self._progress.report(now)
         except Interrupted:
             log.info("batch_interrupted", reason="stop requested while the producer queue was full")
         except KafkaFatal as exc:
@@ -386,11 +420,8 @@ class Worker:
         outcome = score_batch(scored, self.scorer, self.codec, now_ms, bodies)
         outcome.dead_letters += fated
         self.models.shadow(outcome, self.codec, now_ms)
-        first: dict[int, int] = {}
-        last: dict[int, int] = {}
-        for m in msgs:
-            first.setdefault(m.partition(), m.offset())
-            last[m.partition()] = m.offset()
+        where = [(m.partition(), m.offset()) for m in msgs]
+        first, last = dict(reversed(where)), dict(where)
         topic = self.settings.input_topic
         for p, offset in first.items():
             if self.tracker.went_back((topic, p), offset):
@@ -420,8 +451,9 @@ class Worker:
         self.metrics.consumed.inc(len(msgs))
         self.metrics.batch_size.observe(len(msgs))
         self.metrics.inference.observe(seconds)
-        log.info("batch_scored", size=len(msgs), verdicts=len(outcome.scored),
-                 dead_letters=len(outcome.dead_letters), ms=round(seconds * 1000, 2))
+        log.debug("batch_scored", size=len(msgs), verdicts=len(outcome.scored),
+                  dead_letters=len(outcome.dead_letters), ms=round(seconds * 1000, 2))
+        self._progress.add(len(msgs), len(outcome.scored), len(outcome.dead_letters), seconds)
         return seconds
 
     def _fated(self, msgs: list[Message], bodies: list | None) -> tuple[list[Message], list | None, list[DeadLetter]]:
@@ -846,5 +878,7 @@ class Worker:
             if not self.kafka.close(None if self.health.broker_reachable else self._time_left()):
                 log.warning("consumer_close_timed_out", detail="the group drops this member after session.timeout.ms")
         self.models.close(min(_SHADOW_FLUSH_S, self._time_left()))
+        if self._progress.batches:
+            self._progress.report(time.monotonic())
         log.info("worker_stopped", reason=self.fatal or "stop requested", unacknowledged=outstanding)
         return 1 if self.fatal else 0

@@ -54,22 +54,24 @@ class Metrics:
                                            "Challenger failures, by stage (load, score, shadow).", ["stage"], registry=r)
         self._verdict_count = 0
         self._fraud_count = 0
+        self._by_decision = [self.verdicts.labels(name) for name in ("APPROVE", "REVIEW", "DECLINE")]
 
     def batch_acked(self, outcome, refused: set[int], dead_letter_stages: list[str], now: float) -> None:
         """Count a batch whose every output the broker acknowledged (`refused` verdicts became dead letters)."""
-        decisions = outcome.decisions
-        keep = np.ones(len(outcome.scored), dtype=bool)
-        keep[list(refused)] = False
-        if len(outcome.scored):
-            counts = np.bincount(decisions[keep], minlength=3)
-            for code, name in enumerate(("APPROVE", "REVIEW", "DECLINE")):
-                if counts[code]:
-                    self.verdicts.labels(name).inc(int(counts[code]))
-            self._verdict_count += int(counts.sum())
-            self._fraud_count += int(counts[2])
-            self.end_to_end.observe_many(np.maximum(0.0, now - outcome.event_times[keep] / 1000.0))
-            if self._verdict_count:
-                self.fraud_rate.set(self._fraud_count / self._verdict_count)
+        decisions, event_times = outcome.decisions, outcome.event_times
+        if refused:
+            keep = np.ones(len(outcome.scored), dtype=bool)
+            keep[list(refused)] = False
+            decisions, event_times = decisions[keep], event_times[keep]
+        if decisions is not None and len(decisions):  # None: nothing in the batch was scored
+            counts = np.bincount(decisions, minlength=3).tolist()
+            for child, count in zip(self._by_decision, counts):
+                if count:
+                    child.inc(count)
+            self._verdict_count += sum(counts)
+            self._fraud_count += counts[2]
+            self.end_to_end.observe_many(np.maximum(0.0, now - event_times / 1000.0))
+            self.fraud_rate.set(self._fraud_count / self._verdict_count)
         for stage in dead_letter_stages:
             self.dead_letters.labels(stage).inc()
 
