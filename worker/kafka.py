@@ -95,8 +95,10 @@ def consumer_config(settings: Settings) -> dict:
         **group_config(settings),
         "enable.partition.eof": False,
         "message.max.bytes": max(settings.max_message_bytes * 2, 1_000_000),
-        # librdkafka prefetches up to 64 MiB per consumer by default; 16 MiB keeps memory flat and is plenty.
-        "queued.max.messages.kbytes": 16384,
+        # librdkafka prefetches up to 64 MiB (and 100,000 records per partition) by default, about 400 bytes of memory
+        # per record; 4 MiB and 10,000 records are 50 ms of input at full speed and keep peak RSS near 170 MiB.
+        "queued.max.messages.kbytes": 4096,
+        "queued.min.messages": 10000,
         # Once that queue is full, librdkafka waits fetch.queue.backoff.ms (default 1000) before fetching again: the
         # worker then empties it and idles for the rest of the second, a quarter of its time at full speed (measured).
         "fetch.queue.backoff.ms": 20,
@@ -250,6 +252,7 @@ class DeliverySlots:
 
     def _delivered(self, slot: int, err: KafkaError | None, _msg) -> None:
         on_delivery, first = self._owners[slot]
+        self._owners[slot] = None  # a reported slot must not keep its batch alive until the ring comes round
         on_delivery((slot - first) % self.capacity, err)
 
 

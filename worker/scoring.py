@@ -7,7 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .avro.codec import Codec, decision_codes, decision_of
+from .avro.codec import SMALL_BATCH, Codec, decision_codes, decision_of
 from .avro.recordcodec import RecordCodec
 from .model.manifest import Manifest
 from .records import BatchOutcome, DeadLetter, Decision, Message, Stage, Transaction, Verdict
@@ -29,12 +29,12 @@ def score_batch(messages: Sequence[Message], scorer: Scorer, codec: Codec | Reco
     that message a `deserialize` dead letter with the exception's message.
     """
     outcome = BatchOutcome()
-    values = [m.value() for m in messages] if bodies is None else bodies
-    unread = {i: v for i, v in enumerate(values) if isinstance(v, Exception)}
-    if unread:
-        values = [None if i in unread else v for i, v in enumerate(values)]
-    batch, decode_errors = codec.decode_batch(values)
-    decode_errors.update(unread)
+    if bodies is None:
+        batch, decode_errors = codec.decode_batch([m.value() for m in messages])
+    else:
+        unread = {i: v for i, v in enumerate(bodies) if isinstance(v, Exception)}
+        batch, decode_errors = codec.decode_batch([None if i in unread else v for i, v in enumerate(bodies)])
+        decode_errors.update(unread)
     for i, exc in decode_errors.items():
         outcome.dead_letters.append(DeadLetter(messages[i], Stage.DESERIALIZE, type(exc).__name__, str(exc)))
     batch, _ = _without(outcome, messages, batch, None, codec.validation_errors(batch), Stage.VALIDATE)
@@ -45,8 +45,9 @@ def score_batch(messages: Sequence[Message], scorer: Scorer, codec: Codec | Reco
     if not len(batch):
         return outcome
     probs, failures = _predict(scorer, matrix)
-    batch, keep = _without(outcome, messages, batch, np.arange(len(batch)), failures, Stage.SCORE)
-    probs = probs[keep]
+    if failures:
+        batch, keep = _without(outcome, messages, batch, np.arange(len(batch)), failures, Stage.SCORE)
+        probs = probs[keep]
     t = scorer.manifest.thresholds
     decisions = decision_codes(probs, t.review, t.decline)
     outcome.scored = [messages[i] for i in batch.rows]
@@ -114,10 +115,17 @@ def _predict(scorer: Scorer, matrix: np.ndarray) -> tuple[np.ndarray, dict[int, 
                 probs[pos] = one[0]
             except Exception as exc:
                 failures[pos] = _Failure(type(exc).__name__, _first_line(exc))
-    for pos in np.flatnonzero(~((probs >= 0.0) & (probs <= 1.0))):
-        if int(pos) not in failures:
-            failures[int(pos)] = _Failure("InvalidProbability", f"model returned {float(probs[pos])!r}, not a probability")
+    for pos in _not_probabilities(probs):
+        if pos not in failures:
+            failures[pos] = _Failure("InvalidProbability", f"model returned {float(probs[pos])!r}, not a probability")
     return probs, failures
+
+
+def _not_probabilities(probs: np.ndarray) -> list[int]:
+    """The positions of values outside [0, 1], NaN included."""
+    if len(probs) <= SMALL_BATCH:
+        return [pos for pos, p in enumerate(probs.tolist()) if not 0.0 <= p <= 1.0]
+    return np.flatnonzero(~((probs >= 0.0) & (probs <= 1.0))).tolist()
 
 
 class _Failure(Exception):

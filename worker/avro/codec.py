@@ -5,8 +5,11 @@ from __future__ import annotations
 import functools
 import io
 import json
+import math
+import operator
 import re
 import struct
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +39,24 @@ _FIXED = np.dtype([(name, "<f8") for name in _DOUBLES] + [(name, "u1") for name 
 _TAIL_BYTES = 3 * 8 + 4
 _DOUBLE = struct.Struct("<d")
 _PAD = 16
+_PADDING = bytes(_PAD)
 _TEN = np.arange(10)
 _SHIFTS = (np.arange(10) * 7).astype(np.uint64)
 _AMOUNT = np.arange(8)
 _TAIL = np.arange(_TAIL_BYTES)
 _DECISION_CODES = (Decision.APPROVE, Decision.REVIEW, Decision.DECLINE)
 _VARINT = re.compile(rb"[\x80-\xff]*[\x00-\x7f]")
+# Up to this many values a batch is decoded, validated and turned into features row by row in Python: numpy's cost
+# per call outweighs its speed per row on so few (measured: even at about 40 values with the reference model).
+SMALL_BATCH = 32
+# Where each numeric field sits in a row of TransactionBatch.fixed.tolist() followed by the event time.
+_ROW_AT = {name: k for k, name in enumerate((*_FIXED.names, "event_time"))}
+
+
+@functools.lru_cache(maxsize=16)
+def _picker(sources: tuple[str, ...]) -> operator.itemgetter:
+    """Picks the sources' values, in order, out of such a row."""
+    return operator.itemgetter(*(_ROW_AT[name] for name in sources))
 
 
 class DecodeError(ValueError):
@@ -151,9 +166,11 @@ class Codec:
     def decode_batch(self, values: Sequence[bytes | None]) -> tuple[TransactionBatch, dict[int, DecodeError]]:
         """Decode every value; return the decoded ones as columns and a DecodeError for each of the others."""
         n, limit = len(values), self.max_message_bytes
+        if n <= SMALL_BATCH:
+            return self._decode_carefully(values, range(n))
         # Values back to back (oversized ones left out), padded so that reads past a short record stay in bounds.
         sizes = np.fromiter((len(v) if v and len(v) <= limit else 0 for v in values), dtype=np.int64, count=n)
-        buf = np.frombuffer(b"".join(v for v in values if v and len(v) <= limit) + bytes(_PAD), dtype=np.uint8)
+        buf = np.frombuffer(b"".join(v for v in values if v and len(v) <= limit) + _PADDING, dtype=np.uint8)
         ends = np.cumsum(sizes)
         starts = ends - sizes
         ok = sizes > 0
@@ -189,27 +206,15 @@ class Codec:
             batch, errors = _check_ids_and_booleans(batch, errors)
         return batch, errors
 
-    def _decode_carefully(self, values: Sequence[bytes | None], rows: list[int]) -> tuple[TransactionBatch, dict]:
-        good, errors = [], {}
+    def _decode_carefully(self, values: Sequence[bytes | None], rows: Sequence[int]) -> tuple[TransactionBatch, dict]:
+        kept, heads, errors = [], [], {}
         for i in rows:
             try:
-                good.append(self._read_head(values[i]))
+                heads.append(self._read_head(values[i]))
+                kept.append(i)
             except DecodeError as exc:
                 errors[i] = exc
-        if not good:
-            return _empty(), errors
-        kept = [i for i in rows if i not in errors]
-        # The records rewritten canonically, so that validation and verdicts can rely on canonical Avro.
-        sub = [h[4] for h in good]
-        buf = np.frombuffer(b"".join(sub) + bytes(_PAD), dtype=np.uint8)
-        sizes = np.array([len(v) for v in sub], dtype=np.int64)
-        starts = np.cumsum(sizes) - sizes
-        card = starts + np.array([h[0] for h in good])
-        id_end = starts + np.array([h[1] for h in good])
-        time_end = starts + np.array([h[3] for h in good])
-        fixed = buf[np.concatenate([id_end[:, None] + _AMOUNT, time_end[:, None] + _TAIL], axis=1)]
-        return TransactionBatch(kept, buf, starts, card, id_end, time_end, np.array([h[2] for h in good], dtype=np.int64),
-                                fixed.reshape(-1).view(_FIXED)), errors
+        return _batch_of(kept, heads), errors
 
     def _read_head(self, value: bytes | None) -> tuple[int, int, int, int, bytes]:
         """(card_id start, card_id end, event_time, event_time end, record) of one record rewritten canonically."""
@@ -227,6 +232,10 @@ class Codec:
             short = et_end + _TAIL_BYTES - size
             raise DecodeError(f"not a Transaction: {short} bytes missing" if short > 0
                               else f"{-short} trailing bytes after a Transaction record")
+        _check_booleans(value[-4:])
+        # One-byte lengths and an event time without trailing zero groups: the record is canonical as it is.
+        if value[0] < 0x80 and value[card] < 0x80 and (et_end == id_end + 9 or value[et_end - 1]):
+            return card, id_end, et, et_end, value
         tid, cid, time = _string(transaction_id), _string(card_id), _long(et)
         head = len(tid) + len(cid)
         return len(tid), head, et, head + 8 + len(time), tid + cid + value[id_end:id_end + 8] + time + value[et_end:]
@@ -239,7 +248,12 @@ class Codec:
     @staticmethod
     def features(batch: TransactionBatch, manifest) -> tuple[np.ndarray, dict]:
         """The model's input matrix for the batch (every value is already validated)."""
-        return manifest.matrix(batch.column, len(batch)), {}
+        sources = manifest.constants.raw_sources
+        if len(batch) > SMALL_BATCH or sources is None:
+            return manifest.matrix(batch.column, len(batch)), {}
+        pick = _picker(sources)
+        rows = [pick((*f, t)) for f, t in zip(batch.fixed.tolist(), batch.event_times.tolist())]
+        return manifest.standardise(np.array(rows, dtype=np.float64).reshape(len(batch), len(sources))), {}
 
     @staticmethod
     def identity(batch: TransactionBatch, i: int) -> tuple[str, str, int]:
@@ -259,18 +273,14 @@ class Codec:
 
         Each starts with `verdict_prefix` (the 5-byte wire-format header when a Schema Registry is used).
         """
-        review, decline = thresholds
-        middle = _DOUBLE.pack(review) + _DOUBLE.pack(decline) + _string(model[0]) + _string(model[1])
-        # is_fraud (a boolean byte) and the decision (an enum index, zig-zag encoded) for APPROVE, REVIEW, DECLINE.
-        flags = (b"\x00\x00" + middle, b"\x00\x02" + middle, b"\x01\x04" + middle)
+        flags = _verdict_middles(*thresholds, *model)
         scored = _long(scored_at) + b"\x00"  # and an empty `attributes` map
         raw = batch.buf.tobytes() if len(batch) else b""
         pack = _DOUBLE.pack
-        time_starts = (batch.id_ends + 8).tolist()
         prefix = self.verdict_prefix
-        return [prefix + raw[s:k] + pack(p) + flags[d] + raw[t:e] + scored
-                for s, k, t, e, p, d in zip(batch.starts.tolist(), batch.id_ends.tolist(), time_starts,
-                                            batch.time_ends.tolist(), probabilities.tolist(), decisions.tolist())]
+        return [prefix + raw[s:k] + pack(p) + flags[d] + raw[k + 8:e] + scored
+                for s, k, e, p, d in zip(batch.starts.tolist(), batch.id_ends.tolist(), batch.time_ends.tolist(),
+                                         probabilities.tolist(), decisions.tolist())]
 
     @staticmethod
     def encode_transaction(txn: Transaction) -> bytes:
@@ -307,21 +317,41 @@ def read_verdict(value: bytes, schema: dict) -> dict:
 
 def validation_errors(batch: TransactionBatch) -> dict[int, ValidationError]:
     """A ValidationError per batch position whose values cannot be scored, checked column by column."""
-    errors: dict[int, ValidationError] = {}
-    for name, lo in (("transaction_id", batch.starts), ("card_id", batch.card_starts)):
-        size = _canonical_length(batch.buf, lo)
-        for pos in np.flatnonzero((size < 1) | (size > _MAX_ID_BYTES)):
-            errors.setdefault(int(pos), ValidationError(f"{name} must hold 1..{_MAX_ID_BYTES} bytes"))
-    for name in _DOUBLES:
-        values = batch.fixed[name]
-        for pos in np.flatnonzero(~np.isfinite(values)):
-            errors.setdefault(int(pos), ValidationError(f"{name} is not finite: {float(values[pos])!r}"))
-        for pos in np.flatnonzero(values < 0):
-            errors.setdefault(int(pos), ValidationError(f"{name} is negative: {float(values[pos])!r}"))
+    if len(batch) <= SMALL_BATCH and _plainly_valid(batch):
+        return {}
+    ids = [(name, _canonical_length(batch.buf, lo)) for name, lo in (("transaction_id", batch.starts),
+                                                                      ("card_id", batch.card_starts))]
+    bad_ids = [(name, (size < 1) | (size > _MAX_ID_BYTES)) for name, size in ids]
+    doubles = np.column_stack([batch.fixed[name] for name in _DOUBLES])
+    non_finite, negative = ~np.isfinite(doubles), doubles < 0
     times = batch.event_times
-    for pos in np.flatnonzero((times < _MIN_EVENT_MS) | (times >= _MAX_EVENT_MS)):
+    outside = (times < _MIN_EVENT_MS) | (times >= _MAX_EVENT_MS)
+    if not (bad_ids[0][1] | bad_ids[1][1] | outside | (non_finite | negative).any(axis=1)).any():
+        return {}
+    # Some row is wrong: say what, the first reason in this order per row.
+    errors: dict[int, ValidationError] = {}
+    for name, bad in bad_ids:
+        for pos in np.flatnonzero(bad):
+            errors.setdefault(int(pos), ValidationError(f"{name} must hold 1..{_MAX_ID_BYTES} bytes"))
+    for j, name in enumerate(_DOUBLES):
+        values = doubles[:, j]
+        for pos in np.flatnonzero(non_finite[:, j]):
+            errors.setdefault(int(pos), ValidationError(f"{name} is not finite: {float(values[pos])!r}"))
+        for pos in np.flatnonzero(negative[:, j]):
+            errors.setdefault(int(pos), ValidationError(f"{name} is negative: {float(values[pos])!r}"))
+    for pos in np.flatnonzero(outside):
         errors.setdefault(int(pos), ValidationError(f"event_time {int(times[pos])} is outside 2000..2100"))
     return errors
+
+
+def _plainly_valid(batch: TransactionBatch) -> bool:
+    """Whether, looked at row by row, every row is plainly valid: ids of 1..63 bytes (one-byte lengths), doubles
+    finite and not negative, the event time in range. False leaves the verdict to validation_errors' columns."""
+    buf, inf = memoryview(batch.buf), math.inf
+    return all(2 <= buf[s] < 0x80 and 2 <= buf[c] < 0x80 and _MIN_EVENT_MS <= t < _MAX_EVENT_MS
+               and 0.0 <= f[0] < inf and 0.0 <= f[1] < inf and 0.0 <= f[2] < inf and 0.0 <= f[3] < inf
+               for s, c, t, f in zip(batch.starts.tolist(), batch.card_starts.tolist(), batch.event_times.tolist(),
+                                     batch.fixed.tolist()))
 
 
 def validate(txn: Transaction) -> None:
@@ -348,8 +378,8 @@ def _read_long(buf: bytes, pos: int, name: str) -> tuple[int, int]:
     if end - pos > 10 and buf[pos + 10:end].lstrip(b"\x80") != b"\x00":
         raise DecodeError(f"not a Transaction: {name} does not fit in a 64-bit long")
     acc = 0
-    for shift, b in zip(range(0, 70, 7), buf[pos:min(end, pos + 10)]):
-        acc |= (b & 0x7F) << shift
+    for b in reversed(buf[pos:min(end, pos + 10)]):
+        acc = (acc << 7) | (b & 0x7F)
     if acc >> 64:
         raise DecodeError(f"not a Transaction: {name} does not fit in a 64-bit long")
     return (acc >> 1) ^ -(acc & 1), end
@@ -376,6 +406,28 @@ def _plain_codec() -> Codec:
 def _empty() -> TransactionBatch:
     none = np.zeros(0, dtype=np.int64)
     return TransactionBatch([], np.zeros(_PAD, dtype=np.uint8), none, none, none, none, none, np.zeros(0, dtype=_FIXED))
+
+
+def _batch_of(rows: list[int], heads: list[tuple[int, int, int, int, bytes]]) -> TransactionBatch:
+    """The records read by Codec._read_head as a batch over a new buffer."""
+    if not heads:
+        return _empty()
+    starts, card_starts, id_ends, time_ends, times, records, fixed = [], [], [], [], [], [], []
+    at = 0
+    for card, head, et, time_end, record in heads:
+        starts.append(at)
+        card_starts.append(at + card)
+        id_ends.append(at + head)
+        time_ends.append(at + time_end)
+        times.append(et)
+        records.append(record)
+        fixed += (record[head:head + 8], record[time_end:])
+        at += len(record)
+    records.append(_PADDING)
+    n = len(rows)
+    c = np.frombuffer(array("q", starts + card_starts + id_ends + time_ends + times), dtype=np.int64)
+    return TransactionBatch(rows, np.frombuffer(b"".join(records), dtype=np.uint8), c[:n], c[n:2 * n], c[2 * n:3 * n],
+                            c[3 * n:4 * n], c[4 * n:], np.frombuffer(b"".join(fixed), dtype=_FIXED))
 
 
 def _concat(a: TransactionBatch, b: TransactionBatch) -> TransactionBatch:
@@ -408,14 +460,27 @@ def _check_ids_and_booleans(batch: TransactionBatch, errors: dict[int, DecodeErr
     for pos in range(len(batch)):
         try:
             batch.ids(pos)
-            bad = [n for n in _BOOLEANS if batch.fixed[n][pos] > 1]
-            if bad:
-                # An Avro boolean is the byte 0 or 1; any other byte means these are not our records.
-                raise DecodeError(f"{bad[0]} holds byte {batch.fixed[bad[0]][pos]}, not an Avro boolean (0 or 1)")
+            _check_booleans(bytes(batch.fixed[pos].tolist()[len(_DOUBLES):]))
             keep.append(pos)
         except DecodeError as exc:
             errors[batch.rows[pos]] = exc
     return batch.take(keep), errors
+
+
+def _check_booleans(flags: bytes) -> None:
+    """Raise DecodeError unless the four boolean bytes are each 0 or 1."""
+    if flags.strip(b"\x00\x01"):
+        # An Avro boolean is the byte 0 or 1; any other byte means these are not our records.
+        name, byte = next((name, byte) for name, byte in zip(_BOOLEANS, flags) if byte > 1)
+        raise DecodeError(f"{name} holds byte {byte}, not an Avro boolean (0 or 1)")
+
+
+@functools.lru_cache(maxsize=16)
+def _verdict_middles(review: float, decline: float, name: str, version: str) -> tuple[bytes, bytes, bytes]:
+    """A verdict's bytes from is_fraud to model_version, for decision codes 0, 1 and 2."""
+    middle = _DOUBLE.pack(review) + _DOUBLE.pack(decline) + _string(name) + _string(version)
+    # is_fraud (a boolean byte) and the decision (an enum index, zig-zag encoded) for APPROVE, REVIEW, DECLINE.
+    return b"\x00\x00" + middle, b"\x00\x02" + middle, b"\x01\x04" + middle
 
 
 def _long(value: int) -> bytes:
@@ -448,4 +513,6 @@ def decision_of(code: int) -> Decision:
 
 def decision_codes(probabilities: np.ndarray, review: float, decline: float) -> np.ndarray:
     """Decision codes: 2 (DECLINE) strictly above `decline`, 1 (REVIEW) strictly above `review`, else 0."""
+    if len(probabilities) <= SMALL_BATCH:
+        return np.array([2 if p > decline else 1 if p > review else 0 for p in probabilities.tolist()], dtype=np.int64)
     return np.where(probabilities > decline, 2, np.where(probabilities > review, 1, 0))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -228,17 +229,35 @@ class Manifest(BaseModel):
         x = np.empty((n, len(self.features)), dtype=np.float64)
         for j, values in enumerate(columns):
             x[:, j] = values
-        x -= self._means
-        x /= self._scales
+        return self.standardise(x)
+
+    def standardise(self, x: np.ndarray) -> np.ndarray:
+        """A float64 [n, features] matrix of transformed values (changed in place) as the float32 input matrix."""
+        c = self.constants
+        if not c.identity:  # x - 0.0 and x / 1.0 are x exactly
+            x -= c.means
+            x /= c.scales
         return x.astype(np.float32)
 
-    @property
-    def _means(self) -> np.ndarray:
-        return np.array([f.mean for f in self.features], dtype=np.float64)
+    @cached_property
+    def constants(self) -> Constants:
+        """The arrays and facts the per-batch code needs, computed once."""
+        return Constants(self.features)
 
-    @property
-    def _scales(self) -> np.ndarray:
-        return np.array([f.scale for f in self.features], dtype=np.float64)
+
+class Constants:
+    """A manifest's per-batch constants; compared by identity, so that Manifest equality still compares its fields."""
+
+    __slots__ = ("means", "scales", "identity", "raw_sources")
+
+    def __init__(self, features: Sequence[Feature]):
+        self.means = np.array([f.mean for f in features], dtype=np.float64)
+        self.scales = np.array([f.scale for f in features], dtype=np.float64)
+        # Means of +0.0 (not -0.0: -0.0 - -0.0 is +0.0) and scales of 1.0 leave every value as it is.
+        self.identity = self.means.tobytes() == bytes(self.means.nbytes) and bool((self.scales == 1.0).all())
+        # The sources, when every feature is its field's number as is (no transform, no clip), else None.
+        plain = all(f.transform == "number" and f.clip is None for f in features)
+        self.raw_sources = tuple(f.source for f in features) if plain else None
 
 
 _KINDS_FOR = {

@@ -17,6 +17,7 @@ class OnnxScorer:
         self.manifest = manifest
         self._session = session
         self._outputs = [manifest.output]
+        self._column = manifest.output_column or 0
 
     @classmethod
     def load(cls, manifest_path: str | Path, model_file: str | Path | None = None, threads: int = 1,
@@ -94,10 +95,6 @@ class OnnxScorer:
                 f"expected [{matrix.shape[0]}, >{self._column}]"
             )
         return out[:, self._column].astype(np.float64)
-
-    @property
-    def _column(self) -> int:
-        return self.manifest.output_column or 0
 
     def _raw(self, matrix: np.ndarray) -> np.ndarray:
         out = np.asarray(self._session.run(self._outputs, {self.manifest.input: matrix})[0])
