@@ -25,6 +25,7 @@ class OffsetTracker:
         self._slices: dict[TopicPartition, deque[Slice]] = {}
         self._safe: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
+        self._open = 0  # slices in every queue, counted as they come and go (the loop asks on every turn)
 
     def open(self, tp: TopicPartition, last_offset: int, outstanding: int) -> Slice:
         """Start tracking a batch's messages of one partition; slices must be opened in offset order."""
@@ -33,6 +34,7 @@ class OffsetTracker:
             raise ValueError(f"slice for {tp} at {last_offset} opened out of order")
         s = Slice(tp, last_offset, outstanding)
         queue.append(s)
+        self._open += 1
         return s
 
     def went_back(self, tp: TopicPartition, first_offset: int) -> bool:
@@ -48,6 +50,7 @@ class OffsetTracker:
             queue = self._slices.get(s.tp)
             while queue and queue[0].outstanding <= 0:
                 self._safe[s.tp] = queue.popleft().last_offset + 1
+                self._open -= 1
 
     def to_commit(self, tps: set[TopicPartition] | None = None) -> dict[TopicPartition, int]:
         """Positions that advanced since the last call (optionally only for `tps`), marked as committed."""
@@ -68,13 +71,13 @@ class OffsetTracker:
     def forget(self, tps: set[TopicPartition]) -> None:
         """Drop partitions that this worker no longer owns."""
         for tp in tps:
-            self._slices.pop(tp, None)
+            self._open -= len(self._slices.pop(tp, ()))
             self._safe.pop(tp, None)
             self._committed.pop(tp, None)
 
     def in_flight(self) -> int:
         """Slices still waiting for acknowledgements."""
-        return sum(len(q) for q in self._slices.values())
+        return self._open
 
     def safe_positions(self) -> dict[TopicPartition, int]:
         """The current safe commit position of every tracked partition."""
