@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from worker.metrics import Metrics, _LATENCY_BUCKETS, BulkHistogram
+from worker.metrics import _LATENCY_BUCKETS, BulkHistogram, Metrics
 from worker.records import BatchOutcome
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import threading
-from bisect import bisect_left
 import time
+from bisect import bisect_left
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
