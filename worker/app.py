@@ -62,10 +62,8 @@ class _Ticket:
 
     def verdict_delivered(self, i: int, err: KafkaError | None) -> None:
         """librdkafka's delivery report for verdict i of the batch (i is its identity, never its bytes)."""
-        if err is None:  # acked() inlined: this runs once per verdict
-            self.outstanding -= 1
-            if self.outstanding == 0 and not self.void:
-                self.worker._batch_acked(self)
+        if err is None:
+            self.acked()
         else:
             self.worker._verdict_refused(self, i, err, alone=False)
 
