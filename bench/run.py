@@ -92,6 +92,9 @@ METHOD = {
            "on the broker, minus the same at the moment the child reported its partition assignment (start-up, and "
            f"a Java contender's warm-up on {JVM_WARMUP_RECORDS:,} records of another topic before it joins, "
            "excluded); worker_x2: both processes, from the moment both own partitions and the input is made visible",
+    "broker_cpu": "the broker process's utime+stime over the same interval, per transaction; cores busy = (contender "
+                  "CPU + broker CPU) / that interval's wall time, out of the machine's cores (the harness's probe "
+                  "and the operating system use the rest)",
     "jvm": f"{' '.join(JVM_OPTIONS)}, default GC (G1); before joining its group a Java contender copies or scores "
            f"{JVM_WARMUP_RECORDS:,} records (at most --messages) of a warm-up topic with clients (or an application) "
            "of their own, so that the drain measures compiled code",
@@ -206,8 +209,9 @@ def create_topics(conf: dict, names: list[str], partitions: int, log_append: boo
 class Probe:
     """One consumer kept open, never assigned, to read watermarks cheaply."""
 
-    def __init__(self, conf: dict):
+    def __init__(self, conf: dict, broker_pid: int | None = None):
         self.conf = conf
+        self.broker_pid = broker_pid  # the broker's CPU is counted beside each contender's
         self.consumer = Consumer({**conf, "group.id": "bench-probe", "enable.auto.commit": False, "logger": QUIET_LOG})
 
     def ends(self, topic: str) -> dict[int, tuple[int, int]]:
@@ -342,6 +346,7 @@ def drain(conf: dict, probe: Probe, children: list[Child], source: str, group: s
             time.sleep(0.01)
         owned = [sorted(c.owned()) for c in children if c.owned and len(children) > 1]
         cpu0, t_ready = sum(map(cpu_seconds, pids)), time.monotonic()
+        broker0 = cpu_seconds(probe.broker_pid) if probe.broker_pid else None
         if release:
             release()
         balanced_s = t_ready - t0
@@ -362,6 +367,7 @@ def drain(conf: dict, probe: Probe, children: list[Child], source: str, group: s
                                    f"see {children[0].log_path}")
             time.sleep(0.1)
         cpu1, t_done = sum(map(cpu_seconds, pids)), time.monotonic()
+        broker_cpu = cpu_seconds(probe.broker_pid) - broker0 if broker0 is not None else None
         hwm = [status_mib(pid, "VmHWM") for pid in pids]
         # A gated input ends with the commit marker of its transaction, an offset no consumer sees nor commits.
         slack = 1 if release else 0
@@ -394,6 +400,10 @@ def drain(conf: dict, probe: Probe, children: list[Child], source: str, group: s
         "cpu_s": round(cpu1 - cpu0, 2),
         "startup_cpu_s": round(cpu0, 2),
         "cpu_us_per_txn": round((cpu1 - cpu0) / expected * 1e6, 1),
+        **({} if broker_cpu is None else {
+            "broker_cpu_us_per_txn": round(broker_cpu / expected * 1e6, 1),
+            # Cores kept busy by the contender and the broker together, from assignment to the last output.
+            "cores_busy": round((cpu1 - cpu0 + broker_cpu) / max(t_done - t_ready, 1e-3), 2)}),
         "peak_rss_mib": round(sum(hwm), 1),
         **({"peak_rss_mib_each": hwm} if len(hwm) > 1 else {}),
         "rss_mib_per_s": rss,
@@ -763,6 +773,8 @@ def summarise(rounds: list[dict]) -> tuple[dict, dict]:
         runs = [r[name] for r in rounds]
         contenders[name] = {"throughput_tps": round(statistics.median(r["throughput_tps"] for r in runs)),
                             "cpu_us_per_txn": round(statistics.median(r["cpu_us_per_txn"] for r in runs), 1),
+                            **{k: round(statistics.median(r[k] for r in runs), 2)
+                               for k in ("broker_cpu_us_per_txn", "cores_busy") if k in runs[0]},
                             "peak_rss_mib": max(r["peak_rss_mib"] for r in runs), "rounds": runs}
     per_round = []
     for r in rounds:
@@ -782,14 +794,15 @@ def markdown(res: dict) -> str:
     lines = [(f"Drain of {res['messages']:,} transactions, {res['partitions']} partitions, one contender at a time, "
               f"medians of {res['rounds']} round(s) (peak RSS: the highest); {m['nproc']} cores ({m['cpu_model']}), "
               f"Kafka {res['versions']['kafka_broker']} on the same machine."), "",
-             ("| contender | what | throughput (txn/s) | worker ÷ contender | CPU µs/txn | peak RSS (MiB) | "
-              "RSS (MiB): at assignment → range from 1 s on |"),
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+             ("| contender | what | throughput (txn/s) | worker ÷ contender | CPU µs/txn | broker CPU µs/txn | "
+              "cores busy (contender + broker) | peak RSS (MiB) | RSS (MiB): at assignment → range from 1 s on |"),
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in c.items():
         rss = r["rounds"][0]["rss_mib_per_s"]
         steady = f"{min(rss[1:])}–{max(rss[1:])}" if len(rss) > 1 else "–"
         ratio = "1" if name == "worker" else f"{res['ratios'][f'worker/{name}']:.2f}×"
         lines.append(f"| {name} | {WHAT.get(name, '')} | {r['throughput_tps']:,} | {ratio} | {r['cpu_us_per_txn']} | "
+                     f"{r.get('broker_cpu_us_per_txn', '–')} | {r.get('cores_busy', '–')} | "
                      f"{r['peak_rss_mib']} | {rss[0] if rss else '–'} → {steady} |")
     notes = []
     if res.get("peer_skipped"):
@@ -897,7 +910,7 @@ def main() -> None:
     fcntl.flock(users, fcntl.LOCK_SH)
     conf = {"bootstrap.servers": broker.start()}
     run_id = f"bench-{time.strftime('%H%M%S')}-{os.getpid()}"
-    probe = Probe(conf)
+    probe = Probe(conf, broker.pid())
     try:
         source = f"{run_id}-tx"
         create_topics(conf, [source, f"{run_id}-warmup"], a.partitions)

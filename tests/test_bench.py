@@ -28,6 +28,9 @@ def test_bench_smoke_measures_every_contender(tmp_path):
                                "java_copy", "ceiling", "streams_batched", "streams_per_record", "quix_peer"}
     assert contenders["worker_challenger"]["rounds"][0]["shadow_verdicts"] == results["messages"]
     assert all(c["throughput_tps"] > 0 for c in contenders.values())
+    # The broker's CPU is read beside each contender's: some drains are shorter than a clock tick, all together not.
+    assert sum(c["broker_cpu_us_per_txn"] for c in contenders.values()) > 0
+    assert all(c["cores_busy"] >= 0 for c in contenders.values())
     assert len(contenders["worker_x2"]["rounds"][0]["exit_codes"]) == 2
     assert {"worker_x2/worker", "worker_x2/java_copy", "worker/java_copy", "worker/streams_batched"} <= set(
         results["ratios"])
