@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import threading
@@ -38,13 +39,16 @@ def _assert_all_committed(s) -> None:
 
 
 def test_every_transaction_gets_one_verdict_equal_to_a_direct_model_call(settings_for):
-    """20,000 transactions over 6 partitions give exactly one verdict each, with the probability onnxruntime gives."""
+    """20,000 transactions over 6 partitions give exactly one verdict each, with the probability onnxruntime gives;
+    start-up's objects are kept out of garbage collections while the worker runs, and given back when it stops."""
     s = settings_for(partitions=6)
     txns = list(traffic.generated(20_000, seed=3, prefix="t20k"))
     with WorkerThread(s) as w:
         produce_transactions(s, txns)
         verdicts = _verdicts(s, len(txns))
+        assert gc.get_freeze_count() > 0
         assert w.stop() == 0
+    assert gc.get_freeze_count() == 0
     counts = Counter(v["transaction_id"] for v in verdicts)
     assert len(counts) == len(txns) and max(counts.values()) == 1
     scorer = OnnxScorer.load(s.model_manifest)

