@@ -11,7 +11,7 @@ from tests.kafkatools import WorkerThread, committed_offsets, end_offsets, produ
 from worker.avro.codec import Codec
 from worker.model.scorer import OnnxScorer
 from worker.tools import traffic
-from worker.tools.chaos import Plan, run
+from worker.tools.chaos import Plan, group_view, run
 
 pytestmark = pytest.mark.kafka
 
@@ -95,6 +95,20 @@ def test_batch_slower_than_max_poll_interval_does_not_livelock(settings_for):
     ids = {Codec().decode_verdict(v.value)["transaction_id"] for v in verdicts}
     assert ids == {t.transaction_id for t in txns}
     assert limit < s.batch_max_size
+
+
+def test_group_view_says_who_owns_which_partition_and_the_offsets(settings_for):
+    """What a failed chaos run prints about its group, on the real broker: state, members' partitions, offsets."""
+    s = settings_for(partitions=2)
+    conf = {"bootstrap.servers": s.bootstrap_servers}
+    assert group_view(conf, s.group_id) == f"group {s.group_id} DEAD: members {{}}, offsets (require_stable=False) {{}}"
+    produce_transactions(s, traffic.generated(200, seed=5, prefix="view"))
+    with WorkerThread(s) as w:
+        wait_until(lambda: committed_offsets(s) == end_offsets(s, s.input_topic), 60, "every offset committed")
+        view = group_view(conf, s.group_id)
+        assert w.stop() == 0
+    assert view.startswith(f"group {s.group_id} STABLE: members {{") and ": [0, 1]}" in view
+    assert view.endswith(f"offsets (require_stable=False) {end_offsets(s, s.input_topic)}")
 
 
 @pytest.mark.slow

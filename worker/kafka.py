@@ -706,6 +706,12 @@ _COORDINATOR_MOVING = frozenset({KafkaError.NOT_COORDINATOR, KafkaError.COORDINA
                                  KafkaError.COORDINATOR_NOT_AVAILABLE, KafkaError._TIMED_OUT})
 
 
+def coordinator_moving(exc: KafkaException) -> bool:
+    """Whether a failed group request may succeed if asked again: a coordinator loading or moving, or retriable."""
+    err = exc.args[0]
+    return err.code() in _COORDINATOR_MOVING or err.retriable()
+
+
 def committed_offsets(conf: dict, group: str, topic: str) -> dict[int, int]:
     """A group's committed offset for each partition of a topic (-1001 when none)."""
     consumer = Consumer({"logger": QUIET_LOG, **conf, "group.id": group})
@@ -721,8 +727,7 @@ def committed_offsets(conf: dict, group: str, topic: str) -> dict[int, int]:
                     raise KafkaException(failed)
                 return {tp.partition: tp.offset for tp in found}
             except KafkaException as exc:  # a broker that just started is still loading its coordinators
-                err = exc.args[0]
-                if not (err.code() in _COORDINATOR_MOVING or err.retriable()) or time.monotonic() > deadline:
+                if not coordinator_moving(exc) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
     finally:

@@ -15,18 +15,18 @@ from functools import partial
 from pathlib import Path
 
 import fastavro
-from confluent_kafka import KafkaException
+from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException
 
 from ..avro.codec import Codec, DecodeError
 from ..kafka import (
-    Record, committed_offsets, create_topics, end_offsets, iter_topic, plain_producer, read_topic, send,
-    set_topic_writable,
+    Record, admin, committed_offsets, coordinator_moving, create_topics, end_offsets, iter_topic, plain_producer,
+    read_topic, send, set_topic_writable,
 )
 from ..records import Transaction
 from ..settings import Settings
 from . import traffic
 from .localbroker import LocalBroker, broker_home
-from .localservice import free_ports
+from .localservice import free_ports, tail
 from .replica import Replica
 
 CODEC = Codec()
@@ -293,6 +293,19 @@ class Chaos:
         (self.out / "report.json").write_text(json.dumps(asdict(self.report), indent=1, default=str))
         return self.report
 
+    def diagnosis(self, lines: int = 30) -> str:
+        """For a failed run: the broker's last warnings and lines, each replica's exit code and last lines, the group."""
+        b = self.broker
+        log = tail(b.log_file, 1 << 20).splitlines()
+        warnings = [line for line in log if "] WARN " in line or "] ERROR " in line]
+        # The last lines too: a JVM that died says so there, not as a log4j warning.
+        out = [f"broker {b.bootstrap} running={b.running()} last warnings, then last lines ({b.log_file}):",
+               *warnings[-lines:], "...", *log[-5:]]
+        for r in self.replicas:
+            out += [f"replica {r.settings.worker_id} exit={r.proc.poll()} ({r.log_path}):",
+                    *tail(r.log_path).splitlines()[-3:]]
+        return "\n".join([*out, group_view(self.conf, self.settings().group_id)])
+
     def _produce(self) -> None:
         p, s = self.plan, self.settings()
         producer = plain_producer(self.conf, **{"message.timeout.ms": 600_000})
@@ -413,16 +426,20 @@ class Chaos:
 
     def _wait_all_committed(self, timeout: float) -> None:
         s = self.settings()
-        deadline = time.monotonic() + timeout
+        deadline, last = time.monotonic() + timeout, None
         while time.monotonic() < deadline:
             if not self.live():
                 self.start_replica()
             try:
-                if committed_offsets(self.conf, s.group_id, s.input_topic) == end_offsets(self.conf, s.input_topic):
+                committed = committed_offsets(self.conf, s.group_id, s.input_topic)
+                end = end_offsets(self.conf, s.input_topic)
+                if committed == end:
                     return
-            except KafkaException:  # e.g. offsets of a transaction not yet committed or aborted: ask again
-                pass
+                last = f"committed {committed}, end {end}"
+            except KafkaException as exc:  # e.g. offsets of a transaction not yet committed or aborted: ask again
+                last = str(exc)
             time.sleep(1)
+        self.fault("offsets_not_committed", waited_s=timeout, last=last)
 
     def _audit(self) -> None:
         p, s, r = self.plan, self.settings(), self.report
@@ -446,8 +463,11 @@ class Chaos:
             1 for rec in dead if rec.key and rec.key.decode() in pills
             and rec.headers.get("fraud.errors.stage", b"").decode() != pills[rec.key.decode()])
         r.unexpected_dead_letters = len(dead_keys.keys() - pills.keys())
-        r.committed = committed_offsets(self.conf, s.group_id, s.input_topic)
         r.end = end_offsets(self.conf, s.input_topic)
+        try:
+            r.committed = committed_offsets(self.conf, s.group_id, s.input_topic)
+        except KafkaException as exc:  # reported, so that the rest of the audit still says what was lost
+            r.committed = {"error": str(exc)}
         r.committed_equals_end = r.committed == r.end
 
     def _measure(self) -> None:
@@ -472,6 +492,23 @@ class Chaos:
             r.stall_after_last_kill_s = _recovery(verdicts, range(p.partitions), kills[-1]["at"], 0)
         if p.kill_interval_s and kills:
             r.stall_bound_s = r.session_timeout_s + 5
+
+
+def group_view(conf: dict, group: str, timeout: float = 20.0) -> str:
+    """A group as the admin API sees it: state, members' partitions, and offsets ignoring open transactions."""
+    client, deadline = admin(conf), time.monotonic() + timeout
+    while True:
+        try:
+            g = client.describe_consumer_groups([group], request_timeout=10)[group].result(15)
+            members = {m.client_id: sorted(tp.partition for tp in m.assignment.topic_partitions) for m in g.members}
+            offsets = client.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)], require_stable=False,
+                                                         request_timeout=10)[group].result(15)
+            found = {tp.partition: tp.offset for tp in offsets.topic_partitions}
+            return f"group {group} {g.state.name}: members {members}, offsets (require_stable=False) {found}"
+        except KafkaException as exc:
+            if not coordinator_moving(exc) or time.monotonic() > deadline:
+                return f"group {group}: the admin API failed: {exc}"
+            time.sleep(0.5)
 
 
 def _recovery(verdicts: dict, partitions, at: float, clock: int) -> float | None:
@@ -516,9 +553,12 @@ def run(plan: Plan) -> Report:
     chaos = Chaos(plan)
     print(f"chaos {chaos.run_id}: {plan.transactions:,} transactions at {plan.rate:,.0f}/s, "
           f"{plan.replicas} replicas, schedule {plan.schedule()}", flush=True)
+    report = None
     try:
         report = chaos.run()
     finally:
+        if report is None or not report.ok():
+            print(chaos.diagnosis(), flush=True)
         for r in chaos.replicas:
             r.kill()
         if not plan.port:  # a broker on ports chosen for this run serves no one after it

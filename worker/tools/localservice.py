@@ -190,7 +190,7 @@ class LocalProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
-                hint = "; it needs Java 17+" if "UnsupportedClassVersionError" in _tail(self.log_file) else ""
+                hint = "; it needs Java 17+" if "UnsupportedClassVersionError" in tail(self.log_file) else ""
                 raise self.error(f"{self.title} exited with code {proc.returncode} during start-up{hint}; "
                                  f"see {self.log_file}")
             if self.answering():
@@ -244,7 +244,8 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
-def _tail(path: Path, size: int = 20_000) -> str:
+def tail(path: Path, size: int = 20_000) -> str:
+    """The text of a file's last `size` bytes ("" if there is no file)."""
     try:
         with open(path, "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - size))
