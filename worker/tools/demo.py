@@ -72,7 +72,8 @@ def run_demo(count: int, rate: float) -> int:
     span = (last - started) if last else float("nan")
     rows = [
         ("transactions produced", f"{count:,} ({'Schema Registry wire format' if prefix else 'plain Avro'})"),
-        ("delivery", f"{settings.delivery} (verdicts read with isolation.level=read_committed)"),
+        ("delivery", settings.delivery),
+        ("verdicts read with", "isolation.level=read_committed"),
         ("verdicts (unique)", f"{len(seen):,}"),
         ("duplicate verdicts", f"{duplicates:,}"),
         ("dead letters", f"{dead:,}"),
