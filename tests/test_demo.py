@@ -14,7 +14,8 @@ pytestmark = pytest.mark.kafka
 
 def test_demo_scores_every_transaction_once(kafka_bootstrap, tmp_path):
     """The demo produces, scores and reads back every transaction: one verdict each, no dead letters, exit 0."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUD_")} | {"FRAUD_BOOTSTRAP_SERVERS": kafka_bootstrap}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUD_")}
+    env["FRAUD_BOOTSTRAP_SERVERS"] = kafka_bootstrap
     done = subprocess.run([sys.executable, "-m", "worker", "demo", "--count", "2000", "--rate", "2000"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=300)
     rows = dict(re.findall(r"^(\S[^\n]*?)  +(\S[^\n]*)$", done.stdout, re.M))
