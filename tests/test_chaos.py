@@ -12,6 +12,7 @@ from worker.avro.codec import Codec
 from worker.model.scorer import OnnxScorer
 from worker.tools import traffic
 from worker.tools.chaos import Plan, group_view, run
+from worker.tools.localservice import free_ports
 
 pytestmark = pytest.mark.kafka
 
@@ -109,6 +110,12 @@ def test_group_view_says_who_owns_which_partition_and_the_offsets(settings_for):
         assert w.stop() == 0
     assert view.startswith(f"group {s.group_id} STABLE: members {{") and ": [0, 1]}" in view
     assert view.endswith(f"offsets (require_stable=False) {end_offsets(s, s.input_topic)}")
+
+
+def test_group_view_of_an_unreachable_broker_is_a_line_not_an_exception():
+    """The view is printed when things are broken: a broker that does not answer gives a line saying so."""
+    view = group_view({"bootstrap.servers": f"127.0.0.1:{free_ports()[0]}"}, "g", timeout=0)
+    assert view.startswith("group g: the admin API failed: ") and "_TIMED_OUT" in view
 
 
 @pytest.mark.slow

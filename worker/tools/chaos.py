@@ -505,6 +505,8 @@ def group_view(conf: dict, group: str, timeout: float = 20.0) -> str:
                                                          request_timeout=10)[group].result(15)
             found = {tp.partition: tp.offset for tp in offsets.topic_partitions}
             return f"group {group} {g.state.name}: members {members}, offsets (require_stable=False) {found}"
+        except TimeoutError:
+            return f"group {group}: the admin API did not answer within 15 s"
         except KafkaException as exc:
             if not coordinator_moving(exc) or time.monotonic() > deadline:
                 return f"group {group}: the admin API failed: {exc}"
@@ -557,12 +559,14 @@ def run(plan: Plan) -> Report:
     try:
         report = chaos.run()
     finally:
-        if report is None or not report.ok():
-            print(chaos.diagnosis(), flush=True)
-        for r in chaos.replicas:
-            r.kill()
-        if not plan.port:  # a broker on ports chosen for this run serves no one after it
-            chaos.broker.stop()
+        try:
+            if report is None or not report.ok():
+                print(chaos.diagnosis(), flush=True)
+        finally:
+            for r in chaos.replicas:
+                r.kill()
+            if not plan.port:  # a broker on ports chosen for this run serves no one after it
+                chaos.broker.stop()
     print(report.table())
     print(f"report: {chaos.out / 'report.json'}")
     return report
