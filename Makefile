@@ -25,7 +25,7 @@ broker-stop: setup
 
 demo: broker-start
 	FRAUD_BOOTSTRAP_SERVERS=127.0.0.1:$(PORT) $(BIN)/fraud-worker demo
-	@echo "The broker on 127.0.0.1:$(PORT) keeps running for the next demo; 'make broker-stop' stops it."
+	@echo "The broker on 127.0.0.1:$(PORT) keeps running for the next demo; 'make broker-stop PORT=$(PORT)' stops it."
 
 # The same demo with a local Schema Registry (Apicurio): input and verdicts in the Confluent wire format.
 demo-registry: broker-start
