@@ -294,7 +294,7 @@ class Chaos:
         return self.report
 
     def diagnosis(self, lines: int = 30) -> str:
-        """For a failed run: the broker's last warnings and lines, each replica's exit code and last lines, the group."""
+        """For a failed run: the broker's last warnings and lines, each replica's exit and last lines, the group."""
         b = self.broker
         log = tail(b.log_file, 1 << 20).splitlines()
         warnings = [line for line in log if "] WARN " in line or "] ERROR " in line]
