@@ -9,9 +9,10 @@ import pytest
 from tests.fakes import SlowScorer
 from tests.kafkatools import WorkerThread, committed_offsets, end_offsets, produce_transactions, read_topic, wait_until
 from worker.avro.codec import Codec
+from worker.kafka import create_topics, plain_producer
 from worker.model.scorer import OnnxScorer
 from worker.tools import traffic
-from worker.tools.chaos import Plan, group_view, run
+from worker.tools.chaos import Chaos, Plan, group_view, run
 from worker.tools.localservice import free_ports
 
 pytestmark = pytest.mark.kafka
@@ -110,6 +111,31 @@ def test_group_view_says_who_owns_which_partition_and_the_offsets(settings_for):
         assert w.stop() == 0
     assert view.startswith(f"group {s.group_id} STABLE: members {{") and ": [0, 1]}" in view
     assert view.endswith(f"offsets (require_stable=False) {end_offsets(s, s.input_topic)}")
+
+
+def test_a_traffic_producer_that_lost_the_broker_is_replaced_and_no_input_is_written_twice(kafka_bootstrap, tmp_path):
+    """librdkafka#5301 leaves the harness's producer with no broker for good: it is replaced; inputs the topic holds
+    count as acknowledged, the others are sent again, each input ends up in the topic once."""
+    chaos = Chaos(Plan(port=int(kafka_bootstrap.rsplit(":", 1)[1]), out=tmp_path))
+    topic = chaos.settings().input_topic
+    create_topics(chaos.conf, {topic: 2})
+    txns = list(traffic.generated(30, seed=3, prefix=chaos.run_id))
+    reached, stuck = plain_producer(chaos.conf), plain_producer({"bootstrap.servers": f"127.0.0.1:{free_ports()[0]}"})
+    for i, t in enumerate(txns):  # 10 acknowledged, 10 written but never acknowledged, 10 stuck in the producer
+        value, key = Codec().encode_transaction(t), t.card_id.encode()
+        if i < 10:
+            chaos._send(reached, t.transaction_id, key, value, None, 0.0)
+        elif i < 20:
+            chaos._unacked[t.transaction_id] = (key, value, None, 0.0)
+            reached.produce(topic, value, key)
+        else:
+            chaos._send(stuck, t.transaction_id, key, value, None, 0.0)
+    assert reached.flush(10) == 0 and len(chaos._unacked) == 20
+    assert chaos._deliver(stuck, timeout=60, stuck_s=2) == 0
+    assert chaos.report.traffic_producers_replaced == 1
+    assert chaos.acked.keys() == {t.transaction_id for t in txns}
+    written = Counter(Codec().decode_transaction(r.value).transaction_id for r in chaos._read(topic))
+    assert written == Counter(t.transaction_id for t in txns)
 
 
 def test_group_view_of_an_unreachable_broker_is_a_line_not_an_exception():

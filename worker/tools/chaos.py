@@ -15,12 +15,12 @@ from functools import partial
 from pathlib import Path
 
 import fastavro
-from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException
+from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, Producer
 
 from ..avro.codec import Codec, DecodeError
 from ..kafka import (
-    Record, admin, committed_offsets, coordinator_moving, create_topics, end_offsets, iter_topic, plain_producer,
-    read_topic, send, set_topic_writable,
+    Record, admin, answers, committed_offsets, coordinator_moving, create_topics, end_offsets, iter_topic,
+    plain_producer, read_topic, send, set_topic_writable,
 )
 from ..records import Transaction
 from ..settings import Settings
@@ -129,6 +129,7 @@ class Report:
     lost: int = 0  # acknowledged inputs with neither a verdict nor a dead letter
     unacknowledged: int = 0  # inputs the traffic producer got no acknowledgement for (not counted as lost)
     hung_calls: int = 0  # replicas that stopped (exit 1) because a transactional call outlived its timeout
+    traffic_producers_replaced: int = 0  # the harness's own producer lost the broker for good (see Chaos._deliver)
     dead_letters: int = 0
     dead_letters_wrong_stage: int = 0
     unexpected_dead_letters: int = 0
@@ -167,6 +168,7 @@ class Report:
                 ("duplicates (read_committed)", self.duplicates), ("duplicates per kill", self.duplicates_per_kill),
                 ("LOST (of acknowledged inputs)", self.lost),
                 ("unacknowledged inputs (not counted as lost)", self.unacknowledged),
+                ("traffic producers replaced (librdkafka#5301)", self.traffic_producers_replaced),
                 ("replicas stopped by a hung transactional call", self.hung_calls),
                 ("dead letters", self.dead_letters), ("dead letters at the wrong stage", self.dead_letters_wrong_stage),
                 ("unexpected dead letters", self.unexpected_dead_letters),
@@ -214,6 +216,7 @@ class Chaos:
                              session_timeout_s=SESSION_S[plan.group_protocol])
         self.pills = poison_pills(random.Random(plan.seed), plan.poison_per_kind)
         self.acked: dict[str, tuple[int, float]] = {}  # input acknowledged to the traffic producer -> partition, sent at
+        self._unacked: dict[str, tuple] = {}  # input sent, not yet acknowledged -> key, value, headers, sent at
         self.seen: list[tuple[float, int, bytes]] = []  # verdicts as a read_committed reader saw them: when, timestamp
         self._traffic_end = math.inf
         self._stop_watching = threading.Event()
@@ -307,8 +310,8 @@ class Chaos:
         return "\n".join([*out, group_view(self.conf, self.settings().group_id)])
 
     def _produce(self) -> None:
-        p, s = self.plan, self.settings()
-        producer = plain_producer(self.conf, **{"message.timeout.ms": 600_000})
+        p = self.plan
+        producer = self._traffic_producer()
         slots = dict(zip(self.rng.sample(range(p.transactions), len(self.pills)), self.pills))
         start, sent = time.monotonic(), 0
         for i, txn in enumerate(traffic.generated(p.transactions, seed=p.seed, prefix=self.run_id)):
@@ -319,21 +322,60 @@ class Chaos:
                 key, value, _ = slots[i]
                 records.append((key, key, value, junk_headers(self.rng)))
             for identity, key, value, headers in records:
-                send(producer, s.input_topic, value, key.encode(), headers=headers,
-                     on_delivery=partial(self._acked, identity, now))
+                self._send(producer, identity, key.encode(), value, headers, now)
                 sent += 1
             producer.poll(0)
             ahead = start + sent / p.rate - time.monotonic()
             if ahead > 0:
                 time.sleep(ahead)
         self._traffic_end = time.time()
-        remaining = producer.flush(300)
+        remaining = self._deliver(producer)
         if remaining:
             self.fault("traffic_not_acknowledged", remaining=remaining)
+
+    def _traffic_producer(self) -> Producer:
+        return plain_producer(self.conf, **{"message.timeout.ms": 600_000})
+
+    def _send(self, producer: Producer, identity: str, key: bytes, value: bytes, headers, sent_at: float) -> None:
+        """Produce one input, kept until the broker acknowledges it."""
+        self._unacked[identity] = (key, value, headers, sent_at)
+        send(producer, self.settings().input_topic, value, key, headers=headers,
+             on_delivery=partial(self._acked, identity, sent_at))
 
     def _acked(self, identity: str, sent_at: float, err, msg) -> None:
         if err is None:
             self.acked[identity] = (msg.partition(), sent_at)
+            self._unacked.pop(identity, None)
+
+    def _deliver(self, producer: Producer, timeout: float = 300.0, stuck_s: float = 60.0) -> int:
+        """Wait until the broker has acknowledged every input; return how many it has not.
+
+        A producer that gets no acknowledgement for `stuck_s` while the broker answers is replaced: a metadata response
+        without brokers, as a broker in controlled shutdown may send, leaves librdkafka with no broker to ask, for good
+        (confluentinc/librdkafka#5301). Inputs the topic already holds count as acknowledged; a new producer sends the
+        others again, so that no input is written twice.
+        """
+        deadline = time.monotonic() + timeout
+        while self._unacked and time.monotonic() < deadline:
+            before = len(self._unacked)
+            producer.flush(min(stuck_s, max(0.0, deadline - time.monotonic())))
+            if self._unacked and len(self._unacked) == before and answers(self.broker.bootstrap):
+                producer = self._replace_traffic_producer(producer)
+        return len(self._unacked)
+
+    def _replace_traffic_producer(self, stuck: Producer) -> Producer:
+        stuck.purge()
+        stuck.flush(0)  # serves the purged inputs' delivery reports, which are errors
+        for record in self._read(self.settings().input_topic):
+            written = self._unacked.pop(_identity(record), None)
+            if written:
+                self.acked[_identity(record)] = (record.partition, written[3])
+        producer = self._traffic_producer()
+        for identity, (key, value, headers, sent_at) in list(self._unacked.items()):
+            self._send(producer, identity, key, value, headers, sent_at)
+        self.report.traffic_producers_replaced += 1
+        print(f"  traffic producer replaced: {len(self._unacked)} inputs sent again", flush=True)
+        return producer
 
     def _watch(self) -> None:
         """Tail the verdict topic as a read_committed reader, noting when each verdict became visible."""
