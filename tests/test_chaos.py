@@ -121,8 +121,9 @@ def test_a_traffic_producer_that_lost_the_broker_is_replaced_and_no_input_is_wri
     create_topics(chaos.conf, {topic: 2})
     txns = list(traffic.generated(30, seed=3, prefix=chaos.run_id))
     reached, stuck = plain_producer(chaos.conf), plain_producer({"bootstrap.servers": f"127.0.0.1:{free_ports()[0]}"})
+    codec = Codec()
     for i, t in enumerate(txns):  # 10 acknowledged, 10 written but never acknowledged, 10 stuck in the producer
-        value, key = Codec().encode_transaction(t), t.card_id.encode()
+        value, key = codec.encode_transaction(t), t.card_id.encode()
         if i < 10:
             chaos._send(reached, t.transaction_id, key, value, None, 0.0)
         elif i < 20:
@@ -134,7 +135,7 @@ def test_a_traffic_producer_that_lost_the_broker_is_replaced_and_no_input_is_wri
     assert chaos._deliver(stuck, timeout=60, stuck_s=2) == 0
     assert chaos.report.traffic_producers_replaced == 1
     assert chaos.acked.keys() == {t.transaction_id for t in txns}
-    written = Counter(Codec().decode_transaction(r.value).transaction_id for r in chaos._read(topic))
+    written = Counter(codec.decode_transaction(r.value).transaction_id for r in chaos._read(topic))
     assert written == Counter(t.transaction_id for t in txns)
 
 

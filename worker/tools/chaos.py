@@ -220,25 +220,28 @@ class Chaos:
         self.seen: list[tuple[float, int, bytes]] = []  # verdicts as a read_committed reader saw them: when, timestamp
         self._traffic_end = math.inf
         self._stop_watching = threading.Event()
+        self._settings: Settings | None = None
 
     @property
     def conf(self) -> dict:
         return {"bootstrap.servers": self.broker.bootstrap}
 
     def settings(self) -> Settings:
-        """The replicas' settings: fresh topics and group, fast failure detection."""
-        p = self.plan
-        classic = p.group_protocol == "classic"
-        return Settings(
-            bootstrap_servers=self.broker.bootstrap, group_id=self.run_id, input_topic=f"{self.run_id}-tx",
-            verdict_topic=f"{self.run_id}-verdicts", dead_letter_topic=f"{self.run_id}-dlq", metrics_port=0,
-            delivery=p.delivery, group_protocol=p.group_protocol,
-            consumer_config={"session.timeout.ms": f"{SESSION_S['classic'] * 1000:.0f}", "heartbeat.interval.ms": "500"}
-            if classic else {},
-            # librdkafka wants message.timeout.ms within the worker's transaction.timeout.ms under exactly-once.
-            producer_config={"message.timeout.ms": "120000"} if p.delivery == "at_least_once" else {},
-            shutdown_timeout_s=20,
-        )
+        """The replicas' settings: fresh topics and group, fast failure detection (built once: it takes about 2 ms)."""
+        if self._settings is None:
+            p = self.plan
+            classic = p.group_protocol == "classic"
+            self._settings = Settings(
+                bootstrap_servers=self.broker.bootstrap, group_id=self.run_id, input_topic=f"{self.run_id}-tx",
+                verdict_topic=f"{self.run_id}-verdicts", dead_letter_topic=f"{self.run_id}-dlq", metrics_port=0,
+                delivery=p.delivery, group_protocol=p.group_protocol,
+                consumer_config={"session.timeout.ms": f"{SESSION_S['classic'] * 1000:.0f}",
+                                 "heartbeat.interval.ms": "500"} if classic else {},
+                # librdkafka wants message.timeout.ms within the worker's transaction.timeout.ms under exactly-once.
+                producer_config={"message.timeout.ms": "120000"} if p.delivery == "at_least_once" else {},
+                shutdown_timeout_s=20,
+            )
+        return self._settings
 
     def start_replica(self, slot: int | None = None) -> Replica:
         """Start a replica in `slot` (a restart: the slot's identity if static), or in a new slot with a new identity."""
@@ -367,9 +370,9 @@ class Chaos:
         stuck.purge()
         stuck.flush(0)  # serves the purged inputs' delivery reports, which are errors
         for record in self._read(self.settings().input_topic):
-            written = self._unacked.pop(_identity(record), None)
-            if written:
-                self.acked[_identity(record)] = (record.partition, written[3])
+            identity = _identity(record)
+            if identity in self._unacked:
+                self.acked[identity] = (record.partition, self._unacked.pop(identity)[3])
         producer = self._traffic_producer()
         for identity, (key, value, headers, sent_at) in list(self._unacked.items()):
             self._send(producer, identity, key, value, headers, sent_at)
